@@ -1,0 +1,43 @@
+# The two commands of the README: `make run` and `make test`. Both create .venv on first use.
+VENV    ?= .venv
+PYTHON  ?= python3
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.llmpipe-installed
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: run test test-unit test-integration test-e2e lint lock clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first and pinned: an open range could pull a multi-GB CUDA build onto a CPU machine.
+	$(BIN)/python -m pip install --quiet -c constraints.txt "torch==2.13.0"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+run: $(STAMP)  ## fine-tune the embedded default (or your params.yaml) end to end
+	$(BIN)/llmpipe run
+
+test: $(STAMP)  ## unit, integration and e2e tiers
+	$(BIN)/python -m pytest -m "unit or integration or e2e" -v --durations=15
+
+test-unit: $(STAMP)
+	$(BIN)/python -m pytest -m unit -q
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -m integration -v
+
+test-e2e: $(STAMP)
+	$(BIN)/python -m pytest -m e2e -v
+
+lint: $(STAMP)
+	$(BIN)/ruff check steps flows tests benchmarks
+	$(BIN)/ruff format --check steps flows tests benchmarks
+
+lock: $(STAMP)  ## re-pin constraints.txt to what is installed now
+	{ echo "# Versions the tests ran with (pip freeze). \`make\` installs with -c constraints.txt; refresh with \`make lock\`."; \
+	  $(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/'; } > constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

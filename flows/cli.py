@@ -1,0 +1,126 @@
+"""The `llmpipe` command.
+
+llmpipe run [-S section.key=value ...]   # the finetune flow on params.yaml (what `make run` does)
+llmpipe serve [--host H] [--port P]      # serve models:/llmpipe@champion with MLflow
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from steps.errors import USER_ERROR_EXIT, UserError
+
+
+def quiet_offline_defaults() -> None:
+    """The network is closed: no telemetry from Prefect, DVC or Hugging Face libraries."""
+    for key, value in {
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DVC_NO_ANALYTICS": "1",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "MLFLOW_ENABLE_TELEMETRY": "false",
+    }.items():
+        os.environ.setdefault(key, value)
+
+
+def format_summary(summary: dict, seconds: float) -> str:
+    m, reg = summary["metrics"], summary["register"]
+    stages = " · ".join(
+        s["name"] + (" cached" if s["skipped"] else f" {s['seconds']:.0f}s")
+        for s in summary["stages"]
+    )
+    change = m["perplexity"] / m["base_perplexity"] - 1
+    lines = [
+        f"llmpipe run finished in {seconds / 60:.1f} min",
+        f"  stages      {stages}",
+        f"  perplexity  base {m['base_perplexity']:.3f} -> tuned {m['perplexity']:.3f} ({change:+.1%})"
+        f" on {m['documents']} held-out documents, {m['tokens']} tokens",
+        f"  registry    {reg['model_name']} version {reg['version']}"
+        f"{' (new)' if reg['new_version'] else ' (already registered; nothing new)'}"
+        f" aliases: {', '.join(reg['aliases']) or 'none'}",
+        f"  promotion   {'promoted to champion' if reg['promote'] else 'not promoted'}: "
+        + "; ".join(reg["reasons"]),
+    ]
+    serve = summary.get("serve")
+    if serve and "completion" in serve:
+        lines.append(
+            f"  served      {serve['model_uri']}: {serve['prompt']!r} -> "
+            f"{serve['completion'].strip()[:120]!r}"
+        )
+    elif serve:
+        lines.append(f"  served      skipped: {serve['skipped']}")
+    uri = summary["tracking_uri"]
+    lines += [
+        "  next        mlflow ui --backend-store-uri " + uri + "   (runs, loss curve, versions)",
+        "              dvc metrics show                 (metrics/eval.json, metrics/train.json)",
+        "              llmpipe serve                    (champion on http://127.0.0.1:5001)",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flows.finetune import check_inputs, finetune
+    from flows.stages import UserInputError
+
+    started = time.monotonic()
+    check_inputs(Path.cwd(), args.set or [])  # fail fast, before Prefect starts its server
+    try:
+        summary = finetune(
+            project_dir=".", overrides=args.set or [], serve_check=not args.no_serve_check
+        )
+    except (UserError, UserInputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    print(format_summary(summary, time.monotonic() - started))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from steps.params import load_params
+    from steps.serve import serve_forever
+
+    params = load_params()
+    return serve_forever(
+        args.host or params.serve.host, args.port or params.serve.port, params.registry.model_name
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmpipe", description="Fine-tune a causal LM on your text."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run the finetune flow (DVC skips what is up to date)")
+    run.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="edit params.yaml before the run, e.g. -S train.max_steps=100",
+    )
+    run.add_argument("--no-serve-check", action="store_true", help="skip the smoke_serve task")
+    run.set_defaults(func=cmd_run)
+    serve = sub.add_parser("serve", help="serve the champion with `mlflow models serve`")
+    serve.add_argument("--host", help="bind address (default: serve.host, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default: serve.port, 5001)")
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    quiet_offline_defaults()
+    args = build_parser().parse_args(argv)
+    try:
+        sys.exit(args.func(args))
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+
+
+if __name__ == "__main__":
+    main()

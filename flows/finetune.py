@@ -1,0 +1,171 @@
+"""The `finetune` flow: base_model -> prepare -> train -> evaluate -> register -> smoke_serve.
+
+    llmpipe run [-S section.key=value ...]      # or: python -m flows.finetune
+
+Each box is a Prefect task that runs one DVC stage in a subprocess, so DVC decides what is up to
+date (its cache is the pipeline's cache) and each task is retried on its own. register and
+smoke_serve change MLflow, not files, so they run steps modules directly. User errors (exit 2) fail
+at once; anything else is retried with back-off.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from flows.stages import UserInputError, run_dvc_stage, run_step_module
+from flows.tracking import close_run, open_run, project_tracking_uri, tag_data_lineage
+from steps.params import EMBEDDED_CORPUS, Params, apply_overrides
+from steps.prepare import read_documents
+
+# Stage -> timeout in seconds. Training is the long one: a day covers GPU runs of real size.
+STAGE_TIMEOUTS = {
+    "corpus": 600,
+    "base_model": 3600,
+    "prepare": 3600,
+    "train": 86400,
+    "evaluate": 7200,
+}
+RETRY_DELAYS = [10, 60]  # seconds before the first and second retry
+
+
+def not_user_error(task, task_run, state) -> bool:
+    """Retry condition: a rejected input fails at once; a crash or kill is retried."""
+    try:
+        state.result()
+    except UserInputError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+@task(
+    retries=2,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=not_user_error,
+    cache_policy=NO_CACHE,
+)
+def dvc_stage(stage: str, project: str, env: dict[str, str]) -> dict:
+    """Run one DVC stage; DVC skips it when nothing it depends on changed."""
+    logger = get_run_logger()
+    outcome = run_dvc_stage(stage, Path(project), env, logger.info)
+    logger.info(
+        "%s %s in %.1fs",
+        stage,
+        "unchanged (DVC cache)" if outcome.skipped else "ran",
+        outcome.seconds,
+    )
+    return outcome.to_dict()
+
+
+@task(
+    retries=2,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=not_user_error,
+    timeout_seconds=3600,
+    cache_policy=NO_CACHE,
+)
+def register(project: str, env: dict[str, str]) -> dict:
+    """Log and register the tuned model; move `champion` only if it wins on the same test split."""
+    return _step_with_report("steps.register", [], project, env)
+
+
+@task(
+    retries=1,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=not_user_error,
+    timeout_seconds=1200,
+    cache_policy=NO_CACHE,
+)
+def smoke_serve(project: str, env: dict[str, str]) -> dict:
+    """Serve models:/<name>@champion with `mlflow models serve` and require one completion."""
+    return _step_with_report("steps.serve", ["--smoke"], project, env)
+
+
+def _step_with_report(module: str, args: list[str], project: str, env: dict[str, str]) -> dict:
+    logger = get_run_logger()
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        seconds = run_step_module(
+            module, [*args, "--report", str(report)], Path(project), env, logger.info
+        )
+        return {**json.loads(report.read_text()), "seconds": seconds}
+
+
+def check_inputs(project: Path, overrides: list[str]) -> Params:
+    """Check params (with the -S edits) and the data file, then save the edits to params.yaml.
+
+    Runs before anything is written, so a bad key or a bad data file leaves no trace.
+    """
+    params = apply_overrides(project / "params.yaml", overrides, write=False)
+    if params.prepare.data != EMBEDDED_CORPUS:  # the embedded corpus is made by the corpus stage
+        data = Path(params.prepare.data)
+        read_documents(data if data.is_absolute() else project / data, params.prepare.text_field)
+    return apply_overrides(project / "params.yaml", overrides)
+
+
+@flow(name="finetune", log_prints=True)
+def finetune(
+    project_dir: str = ".",
+    overrides: list[str] | None = None,
+    base_model: str | None = None,
+    data: str | None = None,
+    learning_rate: float | None = None,
+    max_steps: int | None = None,
+    serve_check: bool = True,
+) -> dict:
+    """Fine-tune, evaluate, register and smoke-serve; params.yaml holds every other knob.
+
+    Args:
+        project_dir: directory holding params.yaml and dvc.yaml.
+        overrides: extra `section.key=value` edits of params.yaml (as `llmpipe run -S`).
+        base_model: replaces base_model.source (a HF id, a local dir, or 'smollm2-gguf').
+        data: replaces prepare.data (a .jsonl or .txt file).
+        learning_rate: replaces train.learning_rate.
+        max_steps: replaces train.max_steps.
+        serve_check: start the MLflow scoring server on the champion and request one completion.
+    """
+    project = Path(project_dir).resolve()
+    named = {
+        "base_model.source": base_model,
+        "prepare.data": data,
+        "train.learning_rate": learning_rate,
+        "train.max_steps": max_steps,
+    }
+    edits = [f"{k}={v}" for k, v in named.items() if v is not None] + list(overrides or [])
+    params = check_inputs(project, edits)
+    uri = project_tracking_uri(project, os.environ.get("MLFLOW_TRACKING_URI"))
+    run_id = open_run(uri, project, params, flow_run.get_name() or "finetune")
+    env = {
+        "MLFLOW_TRACKING_URI": uri,
+        "MLFLOW_RUN_ID": run_id,
+        "MLFLOW_EXPERIMENT_NAME": "llmpipe",
+        "LLMPIPE_FLOW_RUN_ID": str(flow_run.get_id() or ""),
+    }
+    summary: dict = {"mlflow_run_id": run_id, "tracking_uri": uri, "stages": []}
+    ok = False
+    try:
+        for stage, timeout in STAGE_TIMEOUTS.items():
+            task_run = dvc_stage.with_options(name=stage, timeout_seconds=timeout)
+            summary["stages"].append(task_run(stage, str(project), env))
+            if stage == "prepare":
+                summary["lineage"] = tag_data_lineage(uri, run_id, project, params)
+        summary["metrics"] = json.loads((project / "metrics" / "eval.json").read_text())
+        summary["register"] = register(str(project), env)
+        if serve_check:
+            summary["serve"] = smoke_serve(str(project), env)
+        ok = True
+    finally:
+        close_run(uri, run_id, ok)
+    return summary
+
+
+if __name__ == "__main__":
+    print(json.dumps(finetune(), indent=2))

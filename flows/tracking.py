@@ -1,0 +1,70 @@
+"""One MLflow run per flow run: opened before the first stage, closed with the flow's outcome."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from steps.lineage import dvc_lock_hash, git_sha
+from steps.params import Params
+from steps.tracking import DEFAULT_TRACKING_URI, EXPERIMENT
+
+
+def project_tracking_uri(project: Path, configured: str | None) -> str:
+    """MLFLOW_TRACKING_URI if set, else the project's sqlite file by absolute path."""
+    if configured:
+        return configured
+    return DEFAULT_TRACKING_URI.replace("sqlite:///", f"sqlite:///{project}/")
+
+
+def flat_params(params: Params) -> dict[str, str]:
+    return {
+        f"{section}.{key}": str(value)
+        for section, values in params.model_dump(by_alias=True).items()
+        for key, value in values.items()
+    }
+
+
+def open_run(uri: str, project: Path, params: Params, flow_run_name: str) -> str:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:
+        experiment_id = client.create_experiment(
+            EXPERIMENT, artifact_location=(project / "mlartifacts").as_uri()
+        )
+    else:
+        experiment_id = experiment.experiment_id
+    run = client.create_run(
+        experiment_id,
+        run_name=flow_run_name,
+        tags={
+            "git_sha": git_sha(project),
+            "base_model": params.base_model.source,
+            "data_path": params.prepare.data,
+        },
+    )
+    for key, value in flat_params(params).items():
+        client.log_param(run.info.run_id, key, value)
+    return run.info.run_id
+
+
+def tag_data_lineage(uri: str, run_id: str, project: Path, params: Params) -> dict[str, str]:
+    """Once prepare has run, DVC's lock holds the hashes of the data and of the base model."""
+    from mlflow import MlflowClient
+
+    lock = project / "dvc.lock"
+    tags = {
+        "data_hash": dvc_lock_hash("prepare", params.prepare.data, "deps", lock),
+        "base_model_hash": dvc_lock_hash("base_model", "models/base", "outs", lock),
+    }
+    client = MlflowClient(uri)
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    return tags
+
+
+def close_run(uri: str, run_id: str, ok: bool) -> None:
+    from mlflow import MlflowClient
+
+    MlflowClient(uri).set_terminated(run_id, "FINISHED" if ok else "FAILED")

@@ -1,0 +1,1 @@
+"""Pipeline stages: plain Python, each runnable as `python -m steps.<name>` (the cmd of its DVC stage)."""

@@ -1,0 +1,39 @@
+"""Lineage facts recorded on every MLflow run and model version: DVC hashes and the git commit."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import yaml
+
+
+def dvc_lock_hash(
+    stage: str, path: str, section: str = "outs", lock: Path = Path("dvc.lock")
+) -> str:
+    """md5 that DVC recorded for `path` among the deps or outs of `stage`; '' when not recorded."""
+    if not lock.is_file():
+        return ""
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+    for entry in stages.get(stage, {}).get(section, []):
+        if entry.get("path") == path:
+            return entry.get("md5", "")
+    return ""
+
+
+def git_sha(cwd: Path = Path(".")) -> str:
+    """HEAD's sha, with '-dirty' when tracked files differ from it; '' outside a git checkout."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return f"{sha}-dirty" if dirty else sha

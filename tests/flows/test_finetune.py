@@ -1,0 +1,191 @@
+"""The whole flow on the tiny model: real Prefect (test server), real DVC, MLflow on sqlite, real HTTP.
+
+The tests in this module share one project and run in order: first run, cached re-run, `dvc repro`
+without Prefect, then user errors that must leave everything untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import make_project
+
+pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("project")
+    make_project(
+        root,
+        {
+            "base_model": {"source": str(tiny_model_dir)},
+            "prepare": {"block_size": 32},
+            "train": {"max_steps": 8, "learning_rate": 3.0e-3, "save_steps": 4},
+            "evaluate": {"window": 64, "stride": 32, "batch_size": 8},
+        },
+    )
+    return root
+
+
+@pytest.fixture(scope="module")
+def mlflow_uri(project):
+    uri = f"sqlite:///{project}/mlflow.db"
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="module")
+def first_run(project, mlflow_uri, prefect_server):
+    from flows.finetune import finetune
+
+    return finetune(project_dir=str(project))
+
+
+def registry_state(uri: str) -> dict:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    versions = client.search_model_versions("name='llmpipe'")
+    return {
+        v.version: sorted(client.get_model_version("llmpipe", v.version).aliases) for v in versions
+    }
+
+
+def lock_md5(project: Path, stage: str, path: str, section: str) -> str:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    return next(e["md5"] for e in lock["stages"][stage][section] if e["path"] == path)
+
+
+def test_first_run_trains_registers_promotes_and_serves(first_run, project, mlflow_uri):
+    from mlflow import MlflowClient
+
+    assert [s["name"] for s in first_run["stages"]] == [
+        "corpus", "base_model", "prepare", "train", "evaluate",
+    ]  # fmt: skip
+    assert not any(s["skipped"] for s in first_run["stages"])
+    metrics = json.loads((project / "metrics" / "eval.json").read_text())
+    assert metrics["perplexity"] < metrics["base_perplexity"]
+    assert (
+        metrics["test_split_hash"]
+        == json.loads((project / "data/prepared/stats.json").read_text())["test_split_hash"]
+    )
+    # registered once, challenger and (first model that beats the base) champion
+    assert registry_state(mlflow_uri) == {"1": ["challenger", "champion"]}
+    client = MlflowClient(mlflow_uri)
+    version = client.get_model_version("llmpipe", "1")
+    assert version.tags["data_hash"] == lock_md5(
+        project, "prepare", "data/raw/pydoc_topics.jsonl", "deps"
+    )
+    assert version.tags["model_hash"] == lock_md5(project, "train", "models/tuned", "outs")
+    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", version.tags["git_sha"])
+    assert float(version.tags["perplexity"]) == pytest.approx(metrics["perplexity"], rel=1e-5)
+    # one MLflow run per flow run, holding the loss curve, eval metrics and lineage tags
+    run = client.get_run(first_run["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["data_hash"] == version.tags["data_hash"]
+    assert run.data.metrics["perplexity"] == pytest.approx(metrics["perplexity"])
+    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2
+    # the stock scoring server answered a completion over HTTP
+    assert first_run["serve"]["model_uri"] == "models:/llmpipe@champion"
+    assert first_run["serve"]["completion"].strip()
+    assert not (project / "checkpoints").exists() or not any((project / "checkpoints").iterdir())
+
+
+def test_second_run_is_cached_and_registers_nothing(first_run, project, mlflow_uri):
+    from flows.finetune import finetune
+
+    lock_before = (project / "dvc.lock").read_text()
+    again = finetune(project_dir=str(project), serve_check=False)
+    assert all(s["skipped"] for s in again["stages"]), again["stages"]
+    assert again["register"]["new_version"] is False
+    assert again["register"]["version"] == "1"
+    assert registry_state(mlflow_uri) == {"1": ["challenger", "champion"]}
+    assert (project / "dvc.lock").read_text() == lock_before
+
+
+def test_dvc_repro_alone_reruns_only_what_a_param_change_touches(first_run, project):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("MLFLOW_RUN_ID", None)
+    status = subprocess.run([BIN / "dvc", "status"], cwd=project, env=env, text=True,
+                            capture_output=True, check=True)  # fmt: skip
+    assert "up to date" in status.stdout
+    params = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(params.replace("max_steps: 8", "max_steps: 10"))
+    out = subprocess.run([BIN / "dvc", "repro"], cwd=project, env=env, text=True,
+                         capture_output=True)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    ran = set(re.findall(r"Running stage '(\w+)'", out.stdout))
+    assert ran == {"train", "evaluate"}, out.stdout[-2000:]
+    assert json.loads((project / "metrics/train.json").read_text())["steps"] == 10
+    (project / "params.yaml").write_text(params)
+    restore = subprocess.run([BIN / "dvc", "repro"], cwd=project, env=env, text=True,
+                             capture_output=True)  # fmt: skip
+    assert restore.returncode == 0, restore.stderr[-2000:]
+
+
+def _llmpipe(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([BIN / "llmpipe", "run", *args], cwd=project, text=True,
+                          capture_output=True, timeout=300)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("args", "setup", "expected"),
+    [
+        (["-S", "prepare.data=data/raw/missing.jsonl"], None, r"data/raw/missing\.jsonl: data file not found"),
+        (["-S", "prepare.data=data/raw/empty.txt"], ("data/raw/empty.txt", "\n \n"), r"empty\.txt: the corpus is empty"),
+        (["-S", "prepare.data=data/raw/bad.jsonl"], ("data/raw/bad.jsonl", '{"text": "a"}\n{oops\n'), r"bad\.jsonl:2: not valid JSON"),
+        (["-S", "train.lr=0.1"], None, r"unknown key 'train\.lr'"),
+        (["-S", "train.max_steps=0"], None, r"'train\.max_steps'"),
+    ],
+)  # fmt: skip
+def test_user_errors_are_one_line_and_touch_nothing(
+    first_run, project, mlflow_uri, args, setup, expected
+):
+    from mlflow import MlflowClient
+
+    if setup:
+        (project / setup[0]).write_text(setup[1])
+    watched = ["params.yaml", "dvc.lock", "metrics/eval.json"]
+    before = {name: (project / name).read_bytes() for name in watched}
+    registry = registry_state(mlflow_uri)
+    experiment = MlflowClient(mlflow_uri).get_experiment_by_name("llmpipe").experiment_id
+    runs = len(MlflowClient(mlflow_uri).search_runs([experiment]))
+    done = _llmpipe(project, *args)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    assert re.search(expected, lines[0]), lines[0]
+    assert "Traceback" not in done.stderr + done.stdout
+    assert {name: (project / name).read_bytes() for name in watched} == before
+    assert registry_state(mlflow_uri) == registry
+    assert len(MlflowClient(mlflow_uri).search_runs([experiment])) == runs
+
+
+def test_unknown_key_in_params_file_stops_dvc_repro_too(first_run, project):
+    """Without Prefect, a step refuses a bad params.yaml with the same one-line error."""
+    params = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(params + "\nextra_section:\n  x: 1\n")
+    try:
+        done = subprocess.run([sys.executable, "-m", "steps.prepare"], cwd=project, text=True,
+                              capture_output=True)  # fmt: skip
+    finally:
+        (project / "params.yaml").write_text(params)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2
+    assert len(lines) == 1 and "unknown key 'extra_section'" in lines[0], done.stderr
