@@ -78,6 +78,7 @@ def training_arguments(params: TrainParams, output_dir: Path):
         report_to=report_to,
         disable_tqdm=True,  # log lines read better than progress bars in Prefect and DVC logs
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
     )
 
 

@@ -63,7 +63,8 @@ def registry_state(uri: str) -> dict:
     client = MlflowClient(uri)
     versions = client.search_model_versions("name='llmpipe'")
     return {
-        v.version: sorted(client.get_model_version("llmpipe", v.version).aliases) for v in versions
+        str(v.version): sorted(client.get_model_version("llmpipe", v.version).aliases)
+        for v in versions
     }
 
 

@@ -1,0 +1,52 @@
+"""CUDA checks: bf16 training and GPU scoring. Skipped where there is no CUDA device (CI, laptops)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DOCS = [f"Document {i}: the for statement iterates over item {i} of a sequence." for i in range(80)]
+
+
+def test_auto_precision_trains_in_bf16_and_saves_fp32(tmp_path, monkeypatch, tiny_model_dir):
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from steps.params import PrepareParams, TrainParams
+    from steps.prepare import prepare
+    from steps.train import train, training_arguments, use_bf16
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prepare(PrepareParams(data="docs.jsonl", block_size=32), tokenizer, tmp_path / "prepared")
+    params = TrainParams(max_steps=30, learning_rate=3e-3, batch_size=8, warmup_ratio=0.0)
+    assert use_bf16("auto") == torch.cuda.is_bf16_supported()
+    assert training_arguments(params, tmp_path / "ckpt").bf16 == torch.cuda.is_bf16_supported()
+    metrics = train(params, tiny_model_dir, tmp_path / "prepared", tmp_path / "tuned")
+    losses = [
+        float(r.split(",")[1])
+        for r in (tmp_path / "metrics/train_loss.csv").read_text().split()[1:]
+    ]
+    assert losses[-1] < losses[0]
+    assert metrics["steps"] == 30
+    with safe_open(tmp_path / "tuned/model.safetensors", "pt") as f:
+        assert all(f.get_tensor(k).dtype == torch.float32 for k in f.keys())
+
+
+def test_cuda_scoring_matches_cpu(tiny_model_dir):
+    from steps.metrics.corpus_perplexity import load_causal_lm, score_texts
+
+    texts = DOCS[:12]
+    cpu = score_texts(*load_causal_lm(str(tiny_model_dir), "cpu"), texts, window=16, stride=8)
+    gpu = score_texts(*load_causal_lm(str(tiny_model_dir), "cuda"), texts, window=16, stride=8)
+    assert gpu["tokens"] == cpu["tokens"]
+    assert gpu["perplexity"] == pytest.approx(cpu["perplexity"], rel=2e-2)  # bf16 autocast
