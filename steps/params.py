@@ -49,7 +49,7 @@ class PrepareParams(_Section):
 
 class TrainParams(_Section):
     max_steps: int = Field(40, ge=1, description="optimizer steps")
-    learning_rate: float = Field(1e-4, gt=0, le=1, description="peak learning rate")
+    learning_rate: float = Field(3e-4, gt=0, le=1, description="peak learning rate")
     batch_size: int = Field(8, ge=1, description="sequences per device per micro-batch")
     gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per step")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps of linear warm-up")
@@ -146,9 +146,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
         raise UserError(f"-S {text!r}: the key must be section.key, e.g. train.learning_rate")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
+    from ruamel.yaml import YAML, YAMLError
+
+    try:  # YAML 1.2, so 3e-4 is a float (PyYAML's YAML 1.1 reads it as a string)
+        parsed = YAML(typ="safe", pure=True).load(value) if value.strip() else ""
+    except YAMLError:
         parsed = value
     return parts, parsed
 

@@ -49,7 +49,8 @@ def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
 
 def _jsonl_documents(path: Path, content: str, text_field: str) -> list[str]:
     docs = []
-    for lineno, line in enumerate(content.splitlines(), 1):
+    # split on \n only: str.splitlines() also breaks at U+2028/U+0085, legal inside JSON strings
+    for lineno, line in enumerate(content.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -95,7 +96,7 @@ def pack_sequences(docs_ids: list[list[int]], eos_id: int, block_size: int) -> l
     return [stream[i : i + block_size] for i in range(0, usable, block_size)]
 
 
-def test_split_hash(texts: list[str]) -> str:
+def heldout_hash(texts: list[str]) -> str:
     """sha256 over the held-out documents, so metrics from different runs can be compared safely."""
     h = hashlib.sha256()
     for text in texts:
@@ -121,16 +122,17 @@ def prepare(params: PrepareParams, tokenizer, out_dir: Path) -> dict:
                     f"{params.data}: the train split has fewer tokens than one block "
                     f"(prepare.block_size={params.block_size}); add text or lower block_size"
                 )
-            Dataset.from_dict({"input_ids": blocks}).save_to_disk(str(tmp / name))
+            # num_shards=1: an empty split saved with 0 shards cannot be loaded back
+            Dataset.from_dict({"input_ids": blocks}).save_to_disk(str(tmp / name), num_shards=1)
             stats[name] = {
                 "documents": len(splits[name]),
                 "tokens": sum(len(x) + 1 for x in ids),
                 "blocks": len(blocks),
             }
         test = splits["test"]
-        Dataset.from_dict({"text": test}).save_to_disk(str(tmp / "test"))
+        Dataset.from_dict({"text": test}).save_to_disk(str(tmp / "test"), num_shards=1)
         stats["test"] = {"documents": len(test), "characters": sum(len(t) for t in test)}
-        stats["test_split_hash"] = test_split_hash(test)
+        stats["test_split_hash"] = heldout_hash(test)
         write_json(tmp / "stats.json", stats)
     return stats
 

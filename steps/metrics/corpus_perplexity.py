@@ -43,7 +43,9 @@ def plan_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int
     while prev_end < n_tokens:
         end = min(begin + window, n_tokens)
         spans.append((begin, end, prev_end))
-        prev_end, begin = end, begin + stride
+        # A window needs one token of context before its first target, hence the end - 1 cap
+        # (it only binds when stride == window: non-overlapping chunks, each token scored once).
+        prev_end, begin = end, min(begin + stride, end - 1)
     return spans
 
 

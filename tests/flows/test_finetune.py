@@ -145,16 +145,27 @@ def _llmpipe(project: Path, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=300)  # fmt: skip
 
 
+USER_ERRORS = {
+    "missing data file": (
+        ["-S", "prepare.data=data/raw/missing.jsonl"], None,
+        r"data/raw/missing\.jsonl: data file not found",
+    ),
+    "empty corpus": (
+        ["-S", "prepare.data=data/raw/empty.txt"], ("data/raw/empty.txt", "\n \n"),
+        r"empty\.txt: the corpus is empty",
+    ),
+    "bad JSONL line": (
+        ["-S", "prepare.data=data/raw/bad.jsonl"], ("data/raw/bad.jsonl", '{"text": "a"}\n{oops\n'),
+        r"bad\.jsonl:2: not valid JSON",
+    ),
+    "unknown params key": (["-S", "train.lr=0.1"], None, r"unknown key 'train\.lr'"),
+    "value out of range": (["-S", "train.max_steps=0"], None, r"'train\.max_steps'"),
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(
-    ("args", "setup", "expected"),
-    [
-        (["-S", "prepare.data=data/raw/missing.jsonl"], None, r"data/raw/missing\.jsonl: data file not found"),
-        (["-S", "prepare.data=data/raw/empty.txt"], ("data/raw/empty.txt", "\n \n"), r"empty\.txt: the corpus is empty"),
-        (["-S", "prepare.data=data/raw/bad.jsonl"], ("data/raw/bad.jsonl", '{"text": "a"}\n{oops\n'), r"bad\.jsonl:2: not valid JSON"),
-        (["-S", "train.lr=0.1"], None, r"unknown key 'train\.lr'"),
-        (["-S", "train.max_steps=0"], None, r"'train\.max_steps'"),
-    ],
-)  # fmt: skip
+    ("args", "setup", "expected"), USER_ERRORS.values(), ids=USER_ERRORS.keys()
+)
 def test_user_errors_are_one_line_and_touch_nothing(
     first_run, project, mlflow_uri, args, setup, expected
 ):

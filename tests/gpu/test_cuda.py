@@ -39,7 +39,7 @@ def test_auto_precision_trains_in_bf16_and_saves_fp32(tmp_path, monkeypatch, tin
     assert losses[-1] < losses[0]
     assert metrics["steps"] == 30
     with safe_open(tmp_path / "tuned/model.safetensors", "pt") as f:
-        assert all(f.get_tensor(k).dtype == torch.float32 for k in f.keys())
+        assert all(f.get_tensor(k).dtype == torch.float32 for k in f.keys())  # noqa: SIM118 (safe_open has no __iter__)
 
 
 def test_cuda_scoring_matches_cpu(tiny_model_dir):

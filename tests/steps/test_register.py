@@ -1,0 +1,78 @@
+"""steps/register.py: the promotion rule and the serving requirements."""
+
+from __future__ import annotations
+
+import re
+from importlib.metadata import version
+
+import pytest
+
+from steps.register import SERVING_PACKAGES, Decision, pip_requirements, promotion_decision
+
+pytestmark = pytest.mark.unit
+
+
+def test_beats_base_and_no_champion_promotes():
+    d = promotion_decision(tuned=10.0, base=12.0, champion=None, min_improvement=0.0)
+    assert d == Decision(True, ["beats the base model: 10.000 < 12.000", "no current champion"])
+
+
+def test_beats_base_and_champion_promotes():
+    d = promotion_decision(tuned=10.0, base=12.0, champion=11.0, min_improvement=0.0)
+    assert d.promote is True
+    assert d.reasons == [
+        "beats the base model: 10.000 < 12.000",
+        "beats the champion: 10.000 < 11.000",
+    ]
+
+
+def test_beats_base_but_not_champion_does_not_promote():
+    d = promotion_decision(tuned=10.0, base=12.0, champion=9.5, min_improvement=0.0)
+    assert d.promote is False
+    assert d.reasons == [
+        "beats the base model: 10.000 < 12.000",
+        "does not beat the champion: 10.000 >= 9.500",
+    ]
+
+
+def test_worse_than_base_does_not_promote():
+    d = promotion_decision(tuned=13.0, base=12.0, champion=None, min_improvement=0.0)
+    assert d.promote is False
+    assert d.reasons == ["does not beat the base model: 13.000 >= 12.000", "no current champion"]
+    d = promotion_decision(tuned=13.0, base=12.0, champion=20.0, min_improvement=0.0)
+    assert d.promote is False
+    assert len(d.reasons) == 2
+    assert d.reasons[1] == "beats the champion: 13.000 < 20.000"
+
+
+def test_tie_does_not_promote():
+    assert promotion_decision(12.0, 12.0, None, 0.0).promote is False
+    assert promotion_decision(10.0, 12.0, 10.0, 0.0).promote is False
+
+
+def test_min_improvement_is_a_relative_margin():
+    bar = 20.0 * (1 - 0.1)
+    assert promotion_decision(bar, 20.0, None, 0.1).promote is False  # exactly at the bar
+    assert promotion_decision(bar - 1e-9, 20.0, None, 0.1).promote is True
+    assert promotion_decision(18.5, 20.0, None, 0.1).promote is False  # 7.5% better: not enough
+    d = promotion_decision(17.0, 20.0, 19.0, 0.1)
+    assert d.promote is True
+    assert d.reasons == [
+        "beats the base model: 17.000 < 18.000",
+        "beats the champion: 17.000 < 17.100",
+    ]
+    d = promotion_decision(17.5, 20.0, 19.0, 0.1)
+    assert d.promote is False
+    assert d.reasons[1] == "does not beat the champion: 17.500 >= 17.100"
+
+
+def test_pip_requirements_pin_exact_versions():
+    reqs = pip_requirements()
+    assert [r.split("==")[0] for r in reqs] == list(SERVING_PACKAGES)
+    assert {"torch", "transformers", "mlflow"} <= set(SERVING_PACKAGES)
+    for req in reqs:
+        assert re.fullmatch(r"[a-z0-9_.-]+==\d+(\.\d+)*([a-z]+\d*)?(\.post\d+|\.dev\d+)?", req), req
+        assert "+" not in req
+        name, pinned = req.split("==")
+        assert version(name).split("+")[0] == pinned
+    assert f"torch=={version('torch').split('+')[0]}" in reqs
