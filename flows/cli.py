@@ -90,6 +90,49 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from steps.evaluate import score_file
+    from steps.params import EvaluateParams
+
+    os.environ.setdefault("TQDM_DISABLE", "1")  # keep stdout/stderr to the result
+    params = EvaluateParams(
+        window=args.window, stride=args.stride or args.window, batch_size=args.batch_size
+    )
+    result = score_file(args.model, Path(args.input), params, args.text_field)
+    keys = [
+        "model",
+        "input",
+        "texts",
+        "tokens",
+        "perplexity",
+        "ci_low",
+        "ci_high",
+        "bits_per_byte",
+        "skipped",
+    ]
+    out = {k: result[k] for k in keys}
+    if args.per_text:
+        out["perplexities"] = result["perplexities"]
+        out["mean_perplexity"] = result["mean_perplexity"]
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(
+        f"perplexity {out['perplexity']:.4f} (95% CI {out['ci_low']:.4f}-{out['ci_high']:.4f}) "
+        f"on {out['texts']} texts, {out['tokens']} tokens; {out['bits_per_byte']:.4f} bits/byte"
+    )
+    if args.per_text:
+        for i, ppl in enumerate(out["perplexities"]):
+            print(
+                f"  text {i}: " + ("skipped (fewer than 2 tokens)" if ppl is None else f"{ppl:.4f}")
+            )
+        print(f"  mean of per-text perplexities: {out['mean_perplexity']:.4f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmpipe", description="Fine-tune a causal LM on your text."
@@ -109,6 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (default: serve.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: serve.port, 5001)")
     serve.set_defaults(func=cmd_serve)
+    ppl = sub.add_parser("perplexity", help="score any model on any .txt/.jsonl file")
+    ppl.add_argument("--model", required=True, help="model directory or models:/NAME@ALIAS")
+    ppl.add_argument("--input", required=True, help=".txt (blank-line separated) or .jsonl file")
+    ppl.add_argument("--text-field", default="text", help="JSONL key of the text (default: text)")
+    ppl.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    ppl.add_argument("--stride", type=int, help="tokens a window advances (default: window)")
+    ppl.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    ppl.add_argument("--per-text", action="store_true", help="also each text's perplexity")
+    ppl.add_argument("--json", action="store_true", help="print one JSON object")
+    ppl.set_defaults(func=cmd_perplexity)
     return parser
 
 

@@ -50,6 +50,9 @@ def stage_env(extra: dict[str, str]) -> dict[str, str]:
     env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Progress bars redraw with \r and become one log line per frame; the steps print progress lines.
+    env.setdefault("TQDM_DISABLE", "1")
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     return env
 
 

@@ -66,12 +66,22 @@ class EvaluateParams(_Section):
     window: int = Field(512, ge=2, description="tokens per scoring window")
     stride: int = Field(512, ge=1, description="tokens a window advances; < window adds context")
     batch_size: int = Field(4, ge=1, description="windows scored per forward pass")
+    reference_data: str = Field(
+        "data/reference/general_english.jsonl",
+        min_length=1,
+        description="general text outside the training domain, for the forgetting guard",
+    )
+    samples: int = Field(3, ge=0, le=50, description="prompts cut from held-out documents")
+    sample_tokens: int = Field(32, ge=1, le=1024, description="tokens generated per sample")
 
 
 class RegisterParams(_Section):
     model_name: str = Field("llmpipe", min_length=1, description="registered model name")
     min_improvement: float = Field(
         0.0, ge=0, lt=1, description="relative perplexity gain needed to become champion"
+    )
+    max_forgetting: float = Field(
+        0.5, ge=0, description="largest relative rise of reference perplexity that may be promoted"
     )
 
 

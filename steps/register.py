@@ -4,8 +4,9 @@
 
 Logs models/tuned with the MLflow transformers flavor as `llm/v1/completions` (OpenAI-style payloads)
 into the flow's run, registers a new version tagged with its lineage, and points `challenger` at it.
-`champion` moves only when the new model's perplexity beats the base model's and the current champion's
-on the same test split (the champion is re-scored when it was measured on another split). A model DVC
+`champion` moves only when the upper end of the new model's 95% bootstrap interval beats the base
+model's and the current champion's perplexity on the same test split, by `register.min_improvement`
+(the champion is re-scored when it was measured on another split). A model DVC
 already registered (same hash of models/tuned) is not registered twice.
 """
 
@@ -38,20 +39,35 @@ class Decision:
 
 
 def promotion_decision(
-    tuned: float, base: float, champion: float | None, min_improvement: float
+    tuned_upper: float,
+    base: float,
+    champion: float | None,
+    min_improvement: float,
+    forgetting: float | None = None,
+    max_forgetting: float = float("inf"),
 ) -> Decision:
-    """Promote only if tuned perplexity is below base and champion by the relative margin."""
+    """Promote only if the upper end of the tuned model's 95% interval is below the base model's
+    and the champion's perplexity by the relative margin `min_improvement`, and its perplexity on
+    general reference text rose by no more than `max_forgetting` (relative)."""
     reasons, promote = [], True
+    if forgetting is not None:
+        if forgetting <= max_forgetting:
+            reasons.append(f"reference perplexity {forgetting:+.1%} (limit +{max_forgetting:.0%})")
+        else:
+            promote = False
+            reasons.append(
+                f"forgets too much: reference perplexity {forgetting:+.1%} > +{max_forgetting:.0%}"
+            )
     for label, ref in (("base model", base), ("champion", champion)):
         if ref is None:
             reasons.append(f"no current {label}")
             continue
         bar = ref * (1 - min_improvement)
-        if tuned < bar:
-            reasons.append(f"beats the {label}: {tuned:.3f} < {bar:.3f}")
+        if tuned_upper < bar:
+            reasons.append(f"beats the {label}: upper bound {tuned_upper:.3f} < {bar:.3f}")
         else:
             promote = False
-            reasons.append(f"does not beat the {label}: {tuned:.3f} >= {bar:.3f}")
+            reasons.append(f"does not beat the {label}: upper bound {tuned_upper:.3f} >= {bar:.3f}")
     return Decision(promote, reasons)
 
 
@@ -71,6 +87,8 @@ def lineage_tags(params: Params, metrics: dict) -> dict[str, str]:
         "params": json.dumps(params.model_dump(by_alias=True), sort_keys=True),
         "perplexity": f"{metrics['perplexity']:.6f}",
         "base_perplexity": f"{metrics['base_perplexity']:.6f}",
+        "perplexity_ci_high": f"{metrics['perplexity_ci_high']:.6f}",
+        "forgetting": f"{metrics['forgetting']:.6f}",
         "test_split_hash": metrics["test_split_hash"],
         "mlflow_run_id": flow_run_id() or "",
         "prefect_flow_run_id": os.environ.get("LLMPIPE_FLOW_RUN_ID", ""),
@@ -101,10 +119,10 @@ def champion_perplexity(champion, name: str, split_hash: str, params: EvaluatePa
         return float(champion.tags["perplexity"])
     import mlflow
 
-    from steps.evaluate import DATA_DIR, load_metric, test_texts
+    from steps.evaluate import DATA_DIR, heldout_texts, load_metric
 
     print(f"register: re-scoring champion v{champion.version} on the current test split")
-    texts, _ = test_texts(DATA_DIR)
+    texts, _ = heldout_texts(DATA_DIR)
     parts = mlflow.transformers.load_model(
         f"models:/{name}/{champion.version}", return_type="components"
     )
@@ -175,10 +193,12 @@ def register(params: Params) -> dict:
             else champion_perplexity(champion, name, metrics["test_split_hash"], params.evaluate)
         )
         decision = promotion_decision(
-            metrics["perplexity"],
+            metrics["perplexity_ci_high"],
             metrics["base_perplexity"],
             champ_ppl,
             params.registry.min_improvement,
+            metrics.get("forgetting"),
+            params.registry.max_forgetting,
         )
         if decision.promote:
             client.set_registered_model_alias(name, CHAMPION, mv.version)

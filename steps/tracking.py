@@ -38,3 +38,13 @@ def log_to_flow_run(
         client.log_param(run_id, key, value)
     for path in artifacts or []:
         client.log_artifact(run_id, str(path))
+
+
+def log_table_to_flow_run(data: dict[str, list], artifact_file: str) -> None:
+    """A table (column -> values) in the flow's run, shown side by side in MLflow's UI."""
+    run_id = flow_run_id()
+    if run_id is None:
+        return
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri()).log_table(run_id, data=data, artifact_file=artifact_file)

@@ -27,11 +27,13 @@ _DESCRIPTION = "Corpus perplexity exp(sum NLL / predicted tokens) with a sliding
 _KWARGS_DESCRIPTION = """
 Args:
     predictions (list[str]): the texts to score.
-    model: a transformers causal LM object, or a path to a model directory.
+    model: a transformers causal LM object, a model directory, or an MLflow `models:/` URI
+        (a path or URI is loaded once per metric object and reused by later calls).
     tokenizer: the tokenizer (loaded from `model` when it is a path and this is None).
     window (int): tokens per forward pass. stride (int): tokens a window advances (<= window).
     batch_size (int): windows per forward pass.
-Returns: perplexity, mean_perplexity, perplexities, nll, tokens, bytes, bits_per_byte, skipped.
+Returns: perplexity, ci_low, ci_high (95% bootstrap over texts), mean_perplexity, perplexities,
+    nll, tokens, bytes, bits_per_byte, skipped, text_nlls, text_tokens.
 """
 
 
@@ -95,8 +97,11 @@ def score_texts(model, tokenizer, texts, window=512, stride=512, batch_size=4) -
     per_text = [math.exp(nll[i] / counts[i]) if counts[i] else None for i in range(len(counts))]
     if not scored:
         raise ValueError("no text has two or more tokens; nothing can be scored")
+    low, high = bootstrap_interval([nll[i] for i in scored], [counts[i] for i in scored])
     return {
         "perplexity": math.exp(total_nll / total_tokens),
+        "ci_low": low,
+        "ci_high": high,
         "mean_perplexity": sum(per_text[i] for i in scored) / len(scored),
         "perplexities": per_text,
         "nll": total_nll,
@@ -104,13 +109,43 @@ def score_texts(model, tokenizer, texts, window=512, stride=512, batch_size=4) -
         "bytes": total_bytes,
         "bits_per_byte": total_nll / math.log(2) / total_bytes,
         "skipped": [i for i, c in enumerate(counts) if c == 0],
+        "text_nlls": nll,
+        "text_tokens": counts,
     }
 
 
+def bootstrap_interval(
+    nlls: list[float],
+    tokens: list[int],
+    samples: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap over documents of the corpus perplexity exp(sum NLL / sum tokens).
+
+    Documents, not tokens, are resampled: tokens within a document are not independent, and a
+    held-out split is a sample of documents. With one document the interval is that point.
+    """
+    import numpy as np
+
+    nll, n = np.asarray(nlls, dtype=np.float64), np.asarray(tokens, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(nll), size=(samples, len(nll)))
+    ppl = np.exp(nll[idx].sum(axis=1) / n[idx].sum(axis=1))
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(ppl, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def load_causal_lm(path: str, device: str | None = None):
+    """A model directory (safetensors only) or an MLflow `models:/name@alias` URI, on `device`."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if path.startswith("models:/"):
+        import mlflow
+
+        parts = mlflow.transformers.load_model(path, return_type="components")
+        return parts["model"].to(device), parts["tokenizer"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device)
     return model, AutoTokenizer.from_pretrained(path)
 
@@ -127,7 +162,10 @@ class CorpusPerplexity(evaluate.Metric):
 
     def _compute(self, predictions, model, tokenizer=None, window=512, stride=512, batch_size=4):
         if isinstance(model, str):
-            model, loaded_tokenizer = load_causal_lm(model)
+            cache = self.__dict__.setdefault("_loaded", {})
+            if model not in cache:
+                cache[model] = load_causal_lm(model)
+            model, loaded_tokenizer = cache[model]
             tokenizer = tokenizer or loaded_tokenizer
         if tokenizer is None:
             raise ValueError("pass tokenizer= with a model object")

@@ -102,6 +102,13 @@ def test_first_run_trains_registers_promotes_and_serves(first_run, project, mlfl
     assert run.data.tags["data_hash"] == version.tags["data_hash"]
     assert run.data.metrics["perplexity"] == pytest.approx(metrics["perplexity"])
     assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"evaluation.png", "eval.json", "samples.json"} <= artifacts
+    samples = json.loads((project / "metrics/samples.json").read_text())
+    assert len(samples["prompt"]) == len(samples["base"]) == len(samples["tuned"]) == 3
+    assert metrics["perplexity_ci_low"] <= metrics["perplexity"] <= metrics["perplexity_ci_high"]
+    assert metrics["perplexity_ci_high"] < metrics["base_perplexity"]  # the promotion gate held
+    assert "forgetting" in metrics and metrics["reference_tokens"] > 1000
     # the stock scoring server answered a completion over HTTP
     assert first_run["serve"]["model_uri"] == "models:/llmpipe@champion"
     assert first_run["serve"]["completion"].strip()
@@ -201,3 +208,25 @@ def test_unknown_key_in_params_file_stops_dvc_repro_too(first_run, project):
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2
     assert len(lines) == 1 and "unknown key 'extra_section'" in lines[0], done.stderr
+
+
+def test_perplexity_cli_scores_the_champion_uri_like_the_pipeline(first_run, project, mlflow_uri):
+    """`llmpipe perplexity` on models:/llmpipe@champion reproduces the evaluate stage's number."""
+    from datasets import load_from_disk
+
+    texts = load_from_disk(str(project / "data/prepared/test"))["text"]
+    heldout = project / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    done = subprocess.run(
+        [BIN / "llmpipe", "perplexity", "--model", "models:/llmpipe@champion", "--input", heldout,
+         "--window", "64", "--stride", "32", "--per-text", "--json"],
+        cwd=project, text=True, capture_output=True, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    from mlflow import MlflowClient
+
+    champion = MlflowClient(mlflow_uri).get_model_version_by_alias("llmpipe", "champion")
+    assert out["perplexity"] == pytest.approx(float(champion.tags["perplexity"]), rel=1e-6)
+    metrics = json.loads((project / "metrics/eval.json").read_text())
+    assert out["tokens"] == metrics["tokens"] and len(out["perplexities"]) == len(texts)

@@ -272,3 +272,34 @@ def test_evaluate_load_with_model_path(metric, tiny_model, tiny_model_dir):
 def test_evaluate_model_object_needs_tokenizer(metric, tiny_model):
     with pytest.raises(ValueError, match="pass tokenizer="):
         metric.compute(predictions=TEXTS[:1], model=tiny_model[0])
+
+
+def test_bootstrap_interval_brackets_the_corpus_perplexity_and_is_reproducible():
+    import math
+
+    nlls = [30.0, 55.0, 12.0, 80.0, 41.0, 23.0]
+    tokens = [10, 20, 6, 25, 15, 9]
+    point = math.exp(sum(nlls) / sum(tokens))
+    low, high = cp.bootstrap_interval(nlls, tokens, samples=2000, seed=1)
+    assert low < point < high
+    assert (low, high) == cp.bootstrap_interval(nlls, tokens, samples=2000, seed=1)
+    narrow = cp.bootstrap_interval(nlls * 20, tokens * 20, samples=2000, seed=1)
+    assert high - low > narrow[1] - narrow[0]  # more documents, tighter interval
+
+
+def test_bootstrap_interval_of_one_document_is_its_perplexity():
+    import math
+
+    low, high = cp.bootstrap_interval([20.0], [10])
+    assert low == pytest.approx(math.exp(2.0)) and high == pytest.approx(math.exp(2.0))
+
+
+def test_score_texts_reports_an_interval_around_the_point(tiny_model):
+    model, tok = tiny_model
+    texts = [
+        f"Sentence number {i} about the while statement and loops." * (1 + i % 3) for i in range(8)
+    ]
+    out = cp.score_texts(model, tok, texts, window=32, stride=16, batch_size=4)
+    assert out["ci_low"] <= out["perplexity"] <= out["ci_high"]
+    assert sum(out["text_tokens"]) == out["tokens"]
+    assert sum(out["text_nlls"]) == pytest.approx(out["nll"])

@@ -13,36 +13,41 @@ pytestmark = pytest.mark.unit
 
 
 def test_beats_base_and_no_champion_promotes():
-    d = promotion_decision(tuned=10.0, base=12.0, champion=None, min_improvement=0.0)
-    assert d == Decision(True, ["beats the base model: 10.000 < 12.000", "no current champion"])
+    d = promotion_decision(tuned_upper=10.0, base=12.0, champion=None, min_improvement=0.0)
+    assert d == Decision(
+        True, ["beats the base model: upper bound 10.000 < 12.000", "no current champion"]
+    )
 
 
 def test_beats_base_and_champion_promotes():
-    d = promotion_decision(tuned=10.0, base=12.0, champion=11.0, min_improvement=0.0)
+    d = promotion_decision(tuned_upper=10.0, base=12.0, champion=11.0, min_improvement=0.0)
     assert d.promote is True
     assert d.reasons == [
-        "beats the base model: 10.000 < 12.000",
-        "beats the champion: 10.000 < 11.000",
+        "beats the base model: upper bound 10.000 < 12.000",
+        "beats the champion: upper bound 10.000 < 11.000",
     ]
 
 
 def test_beats_base_but_not_champion_does_not_promote():
-    d = promotion_decision(tuned=10.0, base=12.0, champion=9.5, min_improvement=0.0)
+    d = promotion_decision(tuned_upper=10.0, base=12.0, champion=9.5, min_improvement=0.0)
     assert d.promote is False
     assert d.reasons == [
-        "beats the base model: 10.000 < 12.000",
-        "does not beat the champion: 10.000 >= 9.500",
+        "beats the base model: upper bound 10.000 < 12.000",
+        "does not beat the champion: upper bound 10.000 >= 9.500",
     ]
 
 
 def test_worse_than_base_does_not_promote():
-    d = promotion_decision(tuned=13.0, base=12.0, champion=None, min_improvement=0.0)
+    d = promotion_decision(tuned_upper=13.0, base=12.0, champion=None, min_improvement=0.0)
     assert d.promote is False
-    assert d.reasons == ["does not beat the base model: 13.000 >= 12.000", "no current champion"]
-    d = promotion_decision(tuned=13.0, base=12.0, champion=20.0, min_improvement=0.0)
+    assert d.reasons == [
+        "does not beat the base model: upper bound 13.000 >= 12.000",
+        "no current champion",
+    ]
+    d = promotion_decision(tuned_upper=13.0, base=12.0, champion=20.0, min_improvement=0.0)
     assert d.promote is False
     assert len(d.reasons) == 2
-    assert d.reasons[1] == "beats the champion: 13.000 < 20.000"
+    assert d.reasons[1] == "beats the champion: upper bound 13.000 < 20.000"
 
 
 def test_tie_does_not_promote():
@@ -58,12 +63,12 @@ def test_min_improvement_is_a_relative_margin():
     d = promotion_decision(17.0, 20.0, 19.0, 0.1)
     assert d.promote is True
     assert d.reasons == [
-        "beats the base model: 17.000 < 18.000",
-        "beats the champion: 17.000 < 17.100",
+        "beats the base model: upper bound 17.000 < 18.000",
+        "beats the champion: upper bound 17.000 < 17.100",
     ]
     d = promotion_decision(17.5, 20.0, 19.0, 0.1)
     assert d.promote is False
-    assert d.reasons[1] == "does not beat the champion: 17.500 >= 17.100"
+    assert d.reasons[1] == "does not beat the champion: upper bound 17.500 >= 17.100"
 
 
 def test_pip_requirements_pin_exact_versions():
