@@ -92,6 +92,7 @@ def test_register_section_is_read_through_its_alias():
     assert params.model_dump(by_alias=True)["register"] == {
         "model_name": "mine",
         "min_improvement": 0.2,
+        "max_forgetting": 0.5,
     }
     with pytest.raises(UserError, match=r"unknown key 'register\.foo' \(known: model_name, min_"):
         parse_params({"register": {"foo": 1}})
