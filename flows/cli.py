@@ -11,6 +11,7 @@ import os
 import sys
 import time
 
+from flows.report import stages_text
 from steps.errors import USER_ERROR_EXIT, UserError
 
 
@@ -28,16 +29,16 @@ def quiet_offline_defaults() -> None:
 
 def format_summary(summary: dict, seconds: float) -> str:
     m, reg = summary["metrics"], summary["register"]
-    stages = " · ".join(
-        s["name"] + (" cached" if s["skipped"] else f" {s['seconds']:.0f}s")
-        for s in summary["stages"]
-    )
+    stages = stages_text(summary["stages"])
     change = m["perplexity"] / m["base_perplexity"] - 1
     lines = [
         f"llmpipe run finished in {seconds / 60:.1f} min",
         f"  stages      {stages}",
         f"  perplexity  base {m['base_perplexity']:.3f} -> tuned {m['perplexity']:.3f} ({change:+.1%})"
-        f" on {m['documents']} held-out documents, {m['tokens']} tokens",
+        f" on {m['documents']} held-out documents, {m['tokens']} tokens"
+        f" (tuned 95% interval {m['perplexity_ci_low']:.3f}-{m['perplexity_ci_high']:.3f})",
+        f"  general     reference-text perplexity {m['base_reference_perplexity']:.3f} -> "
+        f"{m['reference_perplexity']:.3f} ({m['forgetting']:+.1%}, the forgetting guard)",
         f"  registry    {reg['model_name']} version {reg['version']}"
         f"{' (new)' if reg['new_version'] else ' (already registered; nothing new)'}"
         f" aliases: {', '.join(reg['aliases']) or 'none'}",

@@ -16,9 +16,11 @@ import tempfile
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from flows.report import report_markdown
 from flows.stages import UserInputError, run_dvc_stage, run_step_module
 from flows.tracking import close_run, open_run, project_tracking_uri, tag_data_lineage
 from steps.params import EMBEDDED_CORPUS, Params, apply_overrides
@@ -142,14 +144,19 @@ def finetune(
     edits = [f"{k}={v}" for k, v in named.items() if v is not None] + list(overrides or [])
     params = check_inputs(project, edits)
     uri = project_tracking_uri(project, os.environ.get("MLFLOW_TRACKING_URI"))
-    run_id = open_run(uri, project, params, flow_run.get_name() or "finetune")
+    run_id, experiment_id = open_run(uri, project, params, flow_run.get_name() or "finetune")
     env = {
         "MLFLOW_TRACKING_URI": uri,
         "MLFLOW_RUN_ID": run_id,
         "MLFLOW_EXPERIMENT_NAME": "llmpipe",
         "LLMPIPE_FLOW_RUN_ID": str(flow_run.get_id() or ""),
     }
-    summary: dict = {"mlflow_run_id": run_id, "tracking_uri": uri, "stages": []}
+    summary: dict = {
+        "mlflow_run_id": run_id,
+        "experiment_id": experiment_id,
+        "tracking_uri": uri,
+        "stages": [],
+    }
     ok = False
     try:
         for stage, timeout in STAGE_TIMEOUTS.items():
@@ -159,6 +166,11 @@ def finetune(
                 summary["lineage"] = tag_data_lineage(uri, run_id, project, params)
         summary["metrics"] = json.loads((project / "metrics" / "eval.json").read_text())
         summary["register"] = register(str(project), env)
+        create_markdown_artifact(
+            report_markdown(summary, project),
+            key="finetune-report",
+            description="data, base vs tuned metrics, promotion decision, links",
+        )
         if serve_check:
             summary["serve"] = smoke_serve(str(project), env)
         ok = True

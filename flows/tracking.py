@@ -24,7 +24,8 @@ def flat_params(params: Params) -> dict[str, str]:
     }
 
 
-def open_run(uri: str, project: Path, params: Params, flow_run_name: str) -> str:
+def open_run(uri: str, project: Path, params: Params, flow_run_name: str) -> tuple[str, str]:
+    """Create the flow run's MLflow run; return (run id, experiment id)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
@@ -46,7 +47,7 @@ def open_run(uri: str, project: Path, params: Params, flow_run_name: str) -> str
     )
     for key, value in flat_params(params).items():
         client.log_param(run.info.run_id, key, value)
-    return run.info.run_id
+    return run.info.run_id, experiment_id
 
 
 def tag_data_lineage(uri: str, run_id: str, project: Path, params: Params) -> dict[str, str]:

@@ -43,7 +43,7 @@ class PrepareParams(_Section):
     data: str = Field(EMBEDDED_CORPUS, description=".jsonl ({'text': ...} per line) or .txt file")
     text_field: str = Field("text", description="key of the text in each JSONL object")
     block_size: int = Field(256, ge=8, le=65536, description="tokens per training sequence")
-    test_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of documents held out")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of documents held out")
     validation_fraction: float = Field(0.05, ge=0, lt=0.5, description="share for validation")
 
 

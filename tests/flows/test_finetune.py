@@ -230,3 +230,23 @@ def test_perplexity_cli_scores_the_champion_uri_like_the_pipeline(first_run, pro
     assert out["perplexity"] == pytest.approx(float(champion.tags["perplexity"]), rel=1e-6)
     metrics = json.loads((project / "metrics/eval.json").read_text())
     assert out["tokens"] == metrics["tokens"] and len(out["perplexities"]) == len(texts)
+
+
+def test_each_run_leaves_a_report_artifact_in_prefect(first_run):
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def latest_report():
+        async with get_client() as client:
+            found = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["finetune-report"]))
+            )
+            return found
+
+    reports = asyncio.run(latest_report())
+    assert reports, "no finetune-report artifact"
+    text = reports[-1].data
+    assert "## Promotion" in text and "version 1" in text
+    assert first_run["mlflow_run_id"] in "\n".join(r.data for r in reports)

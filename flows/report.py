@@ -1,0 +1,52 @@
+"""The run report: a Prefect markdown artifact on each flow run, readable in the Prefect UI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def stages_text(stages: list[dict]) -> str:
+    """'corpus cached · train 412s · ...': what ran and what DVC skipped."""
+    return " · ".join(
+        s["name"] + (" cached" if s["skipped"] else f" {s['seconds']:.0f}s") for s in stages
+    )
+
+
+def report_markdown(summary: dict, project: Path) -> str:
+    m, reg = summary["metrics"], summary["register"]
+    stats = json.loads((project / "data/prepared/stats.json").read_text())
+    lineage = summary.get("lineage", {})
+    lines = [
+        "# llmpipe finetune run",
+        "",
+        "## Data",
+        f"- file `{stats['data']}`, DVC hash `{lineage.get('data_hash', '?')}`",
+        f"- train {stats['train']['documents']} documents / {stats['train']['tokens']} tokens; "
+        f"validation {stats['validation']['documents']}; test {stats['test']['documents']} "
+        f"(split hash `{m['test_split_hash'][:12]}`)",
+        f"- stages: {stages_text(summary['stages'])}",
+        "",
+        "## Metrics (held-out test split; lower is better)",
+        "| | base | tuned |",
+        "| --- | --- | --- |",
+        f"| perplexity | {m['base_perplexity']:.3f} | {m['perplexity']:.3f} |",
+        f"| 95% interval | {m['base_perplexity_ci_low']:.3f} - {m['base_perplexity_ci_high']:.3f} "
+        f"| {m['perplexity_ci_low']:.3f} - {m['perplexity_ci_high']:.3f} |",
+        f"| bits per byte | {m['base_bits_per_byte']:.4f} | {m['bits_per_byte']:.4f} |",
+        f"| reference (general text) | {m['base_reference_perplexity']:.3f} "
+        f"| {m['reference_perplexity']:.3f} |",
+        "",
+        "## Promotion",
+        f"**{'promoted to champion' if reg['promote'] else 'not promoted'}** "
+        f"({reg['model_name']} version {reg['version']}, aliases: {', '.join(reg['aliases']) or 'none'})",
+        *[f"- {reason}" for reason in reg["reasons"]],
+        "",
+        "## Links",
+        f"- MLflow run `{summary['mlflow_run_id']}` in experiment `llmpipe` "
+        f"(`mlflow ui --backend-store-uri {summary['tracking_uri']}`, then "
+        f"http://127.0.0.1:5000/#/experiments/{summary.get('experiment_id', '')}"
+        f"/runs/{summary['mlflow_run_id']})",
+        f"- model version: http://127.0.0.1:5000/#/models/{reg['model_name']}/versions/{reg['version']}",
+    ]
+    return "\n".join(lines)
