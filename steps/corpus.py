@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from steps.errors import run_main
-from steps.params import EMBEDDED_CORPUS
+from steps.paths import EMBEDDED_CORPUS
 
 
 def reference_manual_documents() -> list[dict[str, str]]:
@@ -33,7 +33,7 @@ def write_jsonl(docs: list[dict[str, str]], path: Path) -> None:
 
 def main() -> None:
     docs = reference_manual_documents()
-    write_jsonl(docs, Path(EMBEDDED_CORPUS))
+    write_jsonl(docs, EMBEDDED_CORPUS)
     print(f"corpus: {len(docs)} documents -> {EMBEDDED_CORPUS}")
 
 

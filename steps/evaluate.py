@@ -21,16 +21,18 @@ from pathlib import Path
 from steps.errors import UserError, run_main
 from steps.outputs import write_json
 from steps.params import EvaluateParams, load_params
+from steps.paths import (
+    BASE_MODEL_DIR,
+    EVAL_METRICS,
+    FIGURE,
+    LOSS_CURVE,
+    PERPLEXITY_PLOT,
+    PREPARED_DIR,
+    SAMPLES,
+    TUNED_MODEL_DIR,
+)
 from steps.tracking import log_table_to_flow_run, log_to_flow_run
 
-BASE_MODEL_DIR = Path("models/base")
-TUNED_MODEL_DIR = Path("models/tuned")
-DATA_DIR = Path("data/prepared")
-METRICS_FILE = Path("metrics/eval.json")
-PLOT_FILE = Path("metrics/perplexity.csv")
-SAMPLES_FILE = Path("metrics/samples.json")
-FIGURE_FILE = Path("metrics/evaluation.png")
-LOSS_CURVE_FILE = Path("metrics/train_loss.csv")
 METRIC_MODULE = Path(__file__).parent / "metrics" / "corpus_perplexity.py"
 PROMPT_CHARS = 160  # characters of a held-out document's opening used as a generation prompt
 
@@ -142,18 +144,18 @@ def write_plots(result: dict) -> None:
         ("base, reference", result["base_reference_perplexity"]),
         ("tuned, reference", result["reference_perplexity"]),
     ]
-    with PLOT_FILE.open("w", newline="") as f:
+    with PERPLEXITY_PLOT.open("w", newline="") as f:
         csv.writer(f).writerows([("model", "perplexity"), *rows])
     fig, (loss_ax, bar_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    if LOSS_CURVE_FILE.is_file():
-        curve = list(csv.DictReader(LOSS_CURVE_FILE.open()))
+    if LOSS_CURVE.is_file():
+        curve = list(csv.DictReader(LOSS_CURVE.open()))
         loss_ax.plot([int(r["step"]) for r in curve], [float(r["loss"]) for r in curve])
     loss_ax.set(title="training loss", xlabel="step", ylabel="cross-entropy (nats/token)")
     bar_ax.barh([r[0] for r in rows], [r[1] for r in rows], color=["#999", "#1f77b4"] * 2)
     bar_ax.set(title="perplexity (lower is better)", xlabel="perplexity")
     bar_ax.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(FIGURE_FILE, dpi=100)
+    fig.savefig(FIGURE, dpi=100)
     plt.close(fig)
 
 
@@ -166,7 +168,7 @@ def main() -> None:
     from steps.prepare import read_documents
 
     reference = read_documents(params.reference_data)
-    texts, split_hash = heldout_texts(DATA_DIR)
+    texts, split_hash = heldout_texts(PREPARED_DIR)
     prompts = sample_prompts(texts, params.samples)
     metric = load_metric()
     base = evaluate_model(metric, BASE_MODEL_DIR, texts, reference, prompts, params)
@@ -174,14 +176,14 @@ def main() -> None:
     tuned = evaluate_model(metric, TUNED_MODEL_DIR, texts, reference, prompts, params)
     print(f"evaluate: tuned perplexity {tuned['heldout']['perplexity']:.3f}")
     result = compare(base, tuned, split_hash)
-    write_json(METRICS_FILE, result)
+    write_json(EVAL_METRICS, result)
     samples = {"prompt": prompts, "base": base["samples"], "tuned": tuned["samples"]}
-    write_json(SAMPLES_FILE, samples)
+    write_json(SAMPLES, samples)
     write_plots(result)
     log_to_flow_run(
         metrics={k: v for k, v in result.items() if isinstance(v, int | float)},
         params={"test_split_hash": split_hash},
-        artifacts=[FIGURE_FILE, METRICS_FILE],
+        artifacts=[FIGURE, EVAL_METRICS],
     )
     log_table_to_flow_run(samples, "samples.json")
     print(

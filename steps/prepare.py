@@ -19,9 +19,8 @@ from pathlib import Path
 from steps.errors import UserError, run_main
 from steps.outputs import atomic_dir, write_json
 from steps.params import PrepareParams, load_params
+from steps.paths import BASE_MODEL_DIR, PREPARED_DIR
 
-OUT_DIR = Path("data/prepared")
-BASE_MODEL_DIR = Path("models/base")
 SPLITS = ("train", "validation", "test")
 
 
@@ -142,11 +141,11 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(BASE_MODEL_DIR)
-    stats = prepare(params, tokenizer, OUT_DIR)
+    stats = prepare(params, tokenizer, PREPARED_DIR)
     print(
         f"prepare: {params.data}: train {stats['train']['documents']} docs / "
         f"{stats['train']['blocks']} blocks of {params.block_size}, validation "
-        f"{stats['validation']['documents']} docs, test {stats['test']['documents']} docs -> {OUT_DIR}"
+        f"{stats['validation']['documents']} docs, test {stats['test']['documents']} docs -> {PREPARED_DIR}"
     )
 
 

@@ -23,10 +23,9 @@ from steps.errors import UserError, run_main
 from steps.lineage import dvc_lock_hash, git_sha
 from steps.outputs import write_json
 from steps.params import EvaluateParams, Params, load_params
+from steps.paths import BASE_MODEL_DIR, EVAL_METRICS, PREPARED_DIR, TUNED_MODEL_DIR
 from steps.tracking import flow_run_id, tracking_uri
 
-TUNED_MODEL_DIR = Path("models/tuned")
-EVAL_FILE = Path("metrics/eval.json")
 CHAMPION, CHALLENGER = "champion", "challenger"
 SERVING_PACKAGES = ("mlflow", "transformers", "torch", "accelerate", "safetensors", "tokenizers")
 INPUT_EXAMPLE = {"prompt": "The for statement", "max_tokens": 32}
@@ -81,7 +80,7 @@ def lineage_tags(params: Params, metrics: dict) -> dict[str, str]:
         "data_path": params.prepare.data,
         "data_hash": dvc_lock_hash("prepare", params.prepare.data, "deps"),
         "base_model": params.base_model.source,
-        "base_model_hash": dvc_lock_hash("base_model", "models/base"),
+        "base_model_hash": dvc_lock_hash("base_model", str(BASE_MODEL_DIR)),
         "model_hash": dvc_lock_hash("train", str(TUNED_MODEL_DIR)),
         "git_sha": git_sha(),
         "params": json.dumps(params.model_dump(by_alias=True), sort_keys=True),
@@ -119,10 +118,10 @@ def champion_perplexity(champion, name: str, split_hash: str, params: EvaluatePa
         return float(champion.tags["perplexity"])
     import mlflow
 
-    from steps.evaluate import DATA_DIR, heldout_texts, load_metric
+    from steps.evaluate import heldout_texts, load_metric
 
     print(f"register: re-scoring champion v{champion.version} on the current test split")
-    texts, _ = heldout_texts(DATA_DIR)
+    texts, _ = heldout_texts(PREPARED_DIR)
     parts = mlflow.transformers.load_model(
         f"models:/{name}/{champion.version}", return_type="components"
     )
@@ -169,12 +168,14 @@ def register(params: Params) -> dict:
 
     if flow_run_id() is None:
         raise UserError("MLFLOW_RUN_ID is not set; registration runs inside `llmpipe run`")
-    if not EVAL_FILE.is_file() or not TUNED_MODEL_DIR.is_dir():
-        raise UserError(f"{EVAL_FILE} or {TUNED_MODEL_DIR} missing; run the pipeline stages first")
+    if not EVAL_METRICS.is_file() or not TUNED_MODEL_DIR.is_dir():
+        raise UserError(
+            f"{EVAL_METRICS} or {TUNED_MODEL_DIR} missing; run the pipeline stages first"
+        )
     mlflow.set_tracking_uri(tracking_uri())
     client = MlflowClient()
     name = params.registry.model_name
-    metrics = json.loads(EVAL_FILE.read_text())
+    metrics = json.loads(EVAL_METRICS.read_text())
     tags = lineage_tags(params, metrics)
     mv = find_version_by_tag(client, name, "model_hash", tags["model_hash"])
     new = mv is None

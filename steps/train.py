@@ -24,13 +24,14 @@ import torch
 from steps.errors import UserError, run_main
 from steps.outputs import atomic_dir, write_json
 from steps.params import TrainParams, load_params
-
-BASE_MODEL_DIR = Path("models/base")
-DATA_DIR = Path("data/prepared")
-OUT_DIR = Path("models/tuned")
-CHECKPOINTS = Path("checkpoints")
-METRICS_FILE = Path("metrics/train.json")
-LOSS_CURVE_FILE = Path("metrics/train_loss.csv")
+from steps.paths import (
+    BASE_MODEL_DIR,
+    CHECKPOINTS_DIR,
+    LOSS_CURVE,
+    PREPARED_DIR,
+    TRAIN_METRICS,
+    TUNED_MODEL_DIR,
+)
 
 
 def use_bf16(precision: str) -> bool:
@@ -95,7 +96,7 @@ def train(params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path) ->
     validation = load_from_disk(str(data_dir / "validation"))
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True)
-    ckpt_dir = CHECKPOINTS / f"train-{run_fingerprint(params, data_dir, base_dir)}"
+    ckpt_dir = CHECKPOINTS_DIR / f"train-{run_fingerprint(params, data_dir, base_dir)}"
     resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     if resume:
         print(f"train: resuming from {resume}")
@@ -122,8 +123,8 @@ def train(params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path) ->
     with atomic_dir(out_dir) as tmp:
         trainer.save_model(str(tmp))
         tokenizer.save_pretrained(tmp)
-    write_loss_curve(trainer.state.log_history, LOSS_CURVE_FILE)
-    write_json(METRICS_FILE, metrics)
+    write_loss_curve(trainer.state.log_history, LOSS_CURVE)
+    write_json(TRAIN_METRICS, metrics)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return metrics
 
@@ -141,7 +142,7 @@ def write_loss_curve(history: list[dict], path: Path) -> None:
 def main() -> None:
     params = load_params().train
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    metrics = train(params, BASE_MODEL_DIR, DATA_DIR, OUT_DIR)
+    metrics = train(params, BASE_MODEL_DIR, PREPARED_DIR, TUNED_MODEL_DIR)
     print("train: " + json.dumps(metrics))
 
 

@@ -54,12 +54,12 @@ def test_write_plots_writes_the_bars_and_a_png(tmp_path, monkeypatch):
         "step,loss,learning_rate\n1,3.0,0\n2,2.5,1e-4\n"
     )
     ev.write_plots(ev.compare(fake_scores(20.0, 10.0), fake_scores(15.0, 12.0), "abc"))
-    rows = list(csv.DictReader((tmp_path / ev.PLOT_FILE).open()))
+    rows = list(csv.DictReader((tmp_path / ev.PERPLEXITY_PLOT).open()))
     assert [(r["model"], float(r["perplexity"])) for r in rows] == [
         ("base, held-out", 20.0), ("tuned, held-out", 15.0),
         ("base, reference", 10.0), ("tuned, reference", 12.0),
     ]  # fmt: skip
-    assert (tmp_path / ev.FIGURE_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / ev.FIGURE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_forgetting_guard_blocks_promotion_beyond_its_limit():

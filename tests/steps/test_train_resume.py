@@ -17,8 +17,9 @@ def test_retry_resumes_from_checkpoint_after_a_crash(tmp_path, monkeypatch, tiny
     from transformers import AutoTokenizer, Trainer
 
     from steps.params import PrepareParams, TrainParams
+    from steps.paths import CHECKPOINTS_DIR as CHECKPOINTS
     from steps.prepare import prepare
-    from steps.train import CHECKPOINTS, train
+    from steps.train import train
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
