@@ -28,6 +28,8 @@ def quiet_offline_defaults() -> None:
 
 
 def format_summary(summary: dict, seconds: float) -> str:
+    if "skipped" in summary:
+        return f"llmpipe run: {summary['skipped']}"
     m, reg = summary["metrics"], summary["register"]
     stages = stages_text(summary["stages"])
     change = m["perplexity"] / m["base_perplexity"] - 1
@@ -66,17 +68,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from flows.finetune import check_inputs, finetune
+    from flows.lock import WorkspaceBusy
     from flows.stages import UserInputError
 
     started = time.monotonic()
-    check_inputs(Path.cwd(), args.set or [])  # fail fast, before Prefect starts its server
+    check_inputs(Path.cwd(), args.set or [], write=False)  # fail fast, before Prefect starts
     try:
         summary = finetune(
-            project_dir=".", overrides=args.set or [], serve_check=not args.no_serve_check
+            project_dir=".",
+            overrides=args.set or [],
+            serve_check=not args.no_serve_check,
+            only_if_data_changed=args.only_if_data_changed,
         )
     except (UserError, UserInputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return USER_ERROR_EXIT
+    except WorkspaceBusy as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(format_summary(summary, time.monotonic() - started))
     return 0
 
@@ -134,6 +143,19 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_add(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flows.data import add_data
+
+    added = add_data(Path(args.path), Path.cwd(), args.remote)
+    print(
+        f"added {added['path']} ({added['documents']} documents, md5 {added['md5']}), pushed to "
+        f"{added['remote']}; prepare.data now points at it: `llmpipe run` trains on it"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmpipe", description="Fine-tune a causal LM on your text."
@@ -148,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="edit params.yaml before the run, e.g. -S train.max_steps=100",
     )
     run.add_argument("--no-serve-check", action="store_true", help="skip the smoke_serve task")
+    run.add_argument(
+        "--only-if-data-changed",
+        action="store_true",
+        help="do nothing when the data is what the champion was trained on",
+    )
     run.set_defaults(func=cmd_run)
     serve = sub.add_parser("serve", help="serve the champion with `mlflow models serve`")
     serve.add_argument("--host", help="bind address (default: serve.host, 127.0.0.1)")
@@ -163,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--per-text", action="store_true", help="also each text's perplexity")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(func=cmd_perplexity)
+    data = sub.add_parser("data", help="bring new data under DVC")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    add = data_sub.add_parser("add", help="validate, copy to data/raw, dvc add, dvc push")
+    add.add_argument("path", help="a .txt or .jsonl file")
+    add.add_argument("--remote", help="DVC remote URL or directory (default: the configured one)")
+    add.set_defaults(func=cmd_data_add)
     return parser
 
 

@@ -20,9 +20,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from flows.lock import workspace_lock
 from flows.report import report_markdown
 from flows.stages import UserInputError, run_dvc_stage, run_step_module
-from flows.tracking import close_run, open_run, project_tracking_uri, tag_data_lineage
+from flows.tracking import (
+    close_run,
+    data_unchanged_since_champion,
+    open_run,
+    project_tracking_uri,
+    tag_data_lineage,
+)
 from steps.params import Params, apply_overrides
 from steps.paths import EMBEDDED_CORPUS, EVAL_METRICS
 from steps.prepare import read_documents
@@ -94,18 +101,16 @@ def _step_with_report(module: str, args: list[str], project: str, env: dict[str,
         return {**json.loads(report.read_text()), "seconds": seconds}
 
 
-def check_inputs(project: Path, overrides: list[str]) -> Params:
+def check_inputs(project: Path, overrides: list[str], write: bool = True) -> Params:
     """Check params (with the -S edits) and the data file, then save the edits to params.yaml.
 
     Runs before anything is written, so a bad key or a bad data file leaves no trace.
     """
     params = apply_overrides(project / "params.yaml", overrides, write=False)
-    if (
-        Path(params.prepare.data) != EMBEDDED_CORPUS
-    ):  # the embedded corpus is made by the corpus stage
-        data = Path(params.prepare.data)
+    data = Path(params.prepare.data)
+    if data != EMBEDDED_CORPUS:  # the embedded corpus is made by the corpus stage
         read_documents(data if data.is_absolute() else project / data, params.prepare.text_field)
-    return apply_overrides(project / "params.yaml", overrides)
+    return apply_overrides(project / "params.yaml", overrides) if write else params
 
 
 @flow(name="finetune", log_prints=True)
@@ -117,6 +122,8 @@ def finetune(
     learning_rate: float | None = None,
     max_steps: int | None = None,
     serve_check: bool = True,
+    only_if_data_changed: bool = False,
+    workspace_timeout_s: int = 6 * 3600,
 ) -> dict:
     """Fine-tune, evaluate, register and smoke-serve; params.yaml holds every other knob.
 
@@ -128,6 +135,9 @@ def finetune(
         learning_rate: replaces train.learning_rate.
         max_steps: replaces train.max_steps.
         serve_check: start the MLflow scoring server on the champion and request one completion.
+        only_if_data_changed: finish at once, running nothing, when the data's DVC hash equals the
+            one the champion was trained on (what scheduled retraining uses).
+        workspace_timeout_s: how long to wait for another run in the same project to finish.
     """
     project = Path(project_dir).resolve()
     named = {
@@ -137,8 +147,19 @@ def finetune(
         "train.max_steps": max_steps,
     }
     edits = [f"{k}={v}" for k, v in named.items() if v is not None] + list(overrides or [])
-    params = check_inputs(project, edits)
-    uri = project_tracking_uri(project, os.environ.get("MLFLOW_TRACKING_URI"))
+    with workspace_lock(project, workspace_timeout_s, get_run_logger().info):
+        params = check_inputs(project, edits)
+        uri = project_tracking_uri(project, os.environ.get("MLFLOW_TRACKING_URI"))
+        if only_if_data_changed:
+            unchanged = data_unchanged_since_champion(uri, project, params)
+            if unchanged:
+                get_run_logger().info(unchanged)
+                return {"skipped": unchanged}
+        return run_pipeline(project, params, uri, serve_check)
+
+
+def run_pipeline(project: Path, params: Params, uri: str, serve_check: bool) -> dict:
+    """The stages, register, report and smoke-serve, inside one MLflow run."""
     run_id, experiment_id = open_run(uri, project, params, flow_run.get_name() or "finetune")
     env = {
         "MLFLOW_TRACKING_URI": uri,

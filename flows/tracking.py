@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from steps.lineage import dvc_lock_hash, git_sha
+from steps.lineage import dvc_lock_hash, file_md5, git_sha
 from steps.params import Params
 from steps.paths import BASE_MODEL_DIR
 from steps.tracking import DEFAULT_TRACKING_URI, EXPERIMENT
@@ -70,3 +70,27 @@ def close_run(uri: str, run_id: str, ok: bool) -> None:
     from mlflow import MlflowClient
 
     MlflowClient(uri).set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+
+def data_unchanged_since_champion(uri: str, project: Path, params: Params) -> str | None:
+    """'no new data ...' when the data's md5 equals the champion's data_hash tag, else None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    data = Path(params.prepare.data)
+    data = data if data.is_absolute() else project / data
+    if not data.is_file():
+        return None  # the embedded corpus before its first export: nothing to compare
+    try:
+        champion = MlflowClient(uri).get_model_version_by_alias(
+            params.registry.model_name, "champion"
+        )
+    except MlflowException:
+        return None
+    current = file_md5(data)
+    if champion.tags.get("data_hash") != current:
+        return None
+    return (
+        f"no new data: {params.prepare.data} (md5 {current}) is what champion version "
+        f"{champion.version} was trained on; nothing to retrain"
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from pathlib import Path
 
@@ -19,6 +20,15 @@ def dvc_lock_hash(
         if entry.get("path") == path:
             return entry.get("md5", "")
     return ""
+
+
+def file_md5(path: Path) -> str:
+    """The md5 DVC 3 records for a file (of its raw bytes), read in 1 MiB chunks."""
+    h = hashlib.md5()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def git_sha(cwd: Path = Path(".")) -> str:

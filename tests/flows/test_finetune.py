@@ -250,3 +250,41 @@ def test_each_run_leaves_a_report_artifact_in_prefect(first_run):
     text = reports[-1].data
     assert "## Promotion" in text and "version 1" in text
     assert first_run["mlflow_run_id"] in "\n".join(r.data for r in reports)
+
+
+def test_retrain_skips_unchanged_data_then_runs_after_data_add(first_run, project, mlflow_uri):
+    """What the scheduled deployment does: nothing while the data is the champion's, a run after."""
+    from flows.finetune import finetune
+    from steps.lineage import file_md5
+
+    champion_data = first_run["register"]["tags"]["data_hash"]
+    assert champion_data == file_md5(project / "data/raw/pydoc_topics.jsonl")  # DVC's md5
+    skipped = finetune(project_dir=str(project), only_if_data_changed=True)
+    assert skipped["skipped"].startswith("no new data")
+
+    new = project / "new_topics.jsonl"
+    words = [
+        "loop",
+        "branch",
+        "scope",
+        "name",
+        "value",
+        "object",
+        "class",
+        "module",
+        "import",
+        "yield",
+    ]
+    new.write_text("".join(
+        json.dumps({"text": f"Topic {i}. " + " ".join(words[(i + k) % 10] for k in range(60))}) + "\n"
+        for i in range(60)
+    ))  # fmt: skip
+    added = subprocess.run([BIN / "llmpipe", "data", "add", str(new)], cwd=project, text=True,
+                           capture_output=True)  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    rerun = finetune(project_dir=str(project), only_if_data_changed=True, serve_check=False)
+    assert "skipped" not in rerun
+    ran = {s["name"] for s in rerun["stages"] if not s["skipped"]}
+    assert {"prepare", "train", "evaluate"} <= ran
+    assert rerun["register"]["tags"]["data_hash"] == file_md5(project / "data/raw/new_topics.jsonl")
+    assert rerun["register"]["new_version"] is True
