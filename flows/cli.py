@@ -156,6 +156,34 @@ def cmd_data_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flows.deploy import apply_deployments
+    from steps.params import load_params
+
+    if not os.environ.get("PREFECT_API_URL"):
+        raise UserError(
+            "PREFECT_API_URL is not set; point it at a Prefect server, or use `llmpipe up`"
+        )
+    ids = apply_deployments(Path.cwd(), load_params())
+    print(
+        f"deployed finetune/manual and finetune/retrain-on-new-data ({', '.join(ids)}); "
+        "runs need a runner: `python -m flows.deploy` in this directory (llmpipe up starts one)"
+    )
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from flows.stack import up
+    from steps.params import load_params
+
+    load_params()  # a broken params.yaml should stop us before three servers start
+    return up(Path.cwd(), args.prefect_port, args.mlflow_port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="llmpipe", description="Fine-tune a causal LM on your text."
@@ -190,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--per-text", action="store_true", help="also each text's perplexity")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(func=cmd_perplexity)
+    deploy = sub.add_parser("deploy", help="create the Prefect deployments (manual, scheduled)")
+    deploy.set_defaults(func=cmd_deploy)
+    stack = sub.add_parser("up", help="Prefect server + runner + MLflow UI on 127.0.0.1")
+    stack.add_argument("--prefect-port", type=int, default=4200)
+    stack.add_argument("--mlflow-port", type=int, default=5000)
+    stack.set_defaults(func=cmd_up)
     data = sub.add_parser("data", help="bring new data under DVC")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     add = data_sub.add_parser("add", help="validate, copy to data/raw, dvc add, dvc push")

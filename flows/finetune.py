@@ -24,6 +24,7 @@ from flows.lock import workspace_lock
 from flows.report import report_markdown
 from flows.stages import UserInputError, run_dvc_stage, run_step_module
 from flows.tracking import (
+    champion_version,
     close_run,
     data_unchanged_since_champion,
     open_run,
@@ -110,6 +111,8 @@ def check_inputs(project: Path, overrides: list[str], write: bool = True) -> Par
     data = Path(params.prepare.data)
     if data != EMBEDDED_CORPUS:  # the embedded corpus is made by the corpus stage
         read_documents(data if data.is_absolute() else project / data, params.prepare.text_field)
+    reference = Path(params.evaluate.reference_data)
+    read_documents(reference if reference.is_absolute() else project / reference)
     return apply_overrides(project / "params.yaml", overrides) if write else params
 
 
@@ -123,6 +126,7 @@ def finetune(
     max_steps: int | None = None,
     serve_check: bool = True,
     only_if_data_changed: bool = False,
+    continue_from_champion: bool = False,
     workspace_timeout_s: int = 6 * 3600,
 ) -> dict:
     """Fine-tune, evaluate, register and smoke-serve; params.yaml holds every other knob.
@@ -137,6 +141,8 @@ def finetune(
         serve_check: start the MLflow scoring server on the champion and request one completion.
         only_if_data_changed: finish at once, running nothing, when the data's DVC hash equals the
             one the champion was trained on (what scheduled retraining uses).
+        continue_from_champion: fine-tune the current champion (recorded in params.yaml as
+            base_model.source=models:/NAME/VERSION) instead of base_model.source.
         workspace_timeout_s: how long to wait for another run in the same project to finish.
     """
     project = Path(project_dir).resolve()
@@ -147,9 +153,14 @@ def finetune(
         "train.max_steps": max_steps,
     }
     edits = [f"{k}={v}" for k, v in named.items() if v is not None] + list(overrides or [])
+    uri = project_tracking_uri(project, os.environ.get("MLFLOW_TRACKING_URI"))
     with workspace_lock(project, workspace_timeout_s, get_run_logger().info):
+        if continue_from_champion:
+            name = check_inputs(project, edits, write=False).registry.model_name
+            champion = champion_version(uri, name)
+            if champion is not None:  # an explicit version, so DVC sees a changed param
+                edits.append(f"base_model.source=models:/{name}/{champion.version}")
         params = check_inputs(project, edits)
-        uri = project_tracking_uri(project, os.environ.get("MLFLOW_TRACKING_URI"))
         if only_if_data_changed:
             unchanged = data_unchanged_since_champion(uri, project, params)
             if unchanged:

@@ -74,18 +74,12 @@ def close_run(uri: str, run_id: str, ok: bool) -> None:
 
 def data_unchanged_since_champion(uri: str, project: Path, params: Params) -> str | None:
     """'no new data ...' when the data's md5 equals the champion's data_hash tag, else None."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     data = Path(params.prepare.data)
     data = data if data.is_absolute() else project / data
     if not data.is_file():
         return None  # the embedded corpus before its first export: nothing to compare
-    try:
-        champion = MlflowClient(uri).get_model_version_by_alias(
-            params.registry.model_name, "champion"
-        )
-    except MlflowException:
+    champion = champion_version(uri, params.registry.model_name)
+    if champion is None:
         return None
     current = file_md5(data)
     if champion.tags.get("data_hash") != current:
@@ -94,3 +88,14 @@ def data_unchanged_since_champion(uri: str, project: Path, params: Params) -> st
         f"no new data: {params.prepare.data} (md5 {current}) is what champion version "
         f"{champion.version} was trained on; nothing to retrain"
     )
+
+
+def champion_version(uri: str, model_name: str):
+    """The registered version behind alias `champion`, or None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return MlflowClient(uri).get_model_version_by_alias(model_name, "champion")
+    except MlflowException:
+        return None

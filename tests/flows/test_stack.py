@@ -1,0 +1,160 @@
+"""`llmpipe up` for real: a Prefect server on loopback, the runner, the MLflow UI; deployments
+triggered through the REST API (what the UI's Run button calls) run the tiny pipeline."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_project
+
+pytestmark = pytest.mark.integration
+
+LLMPIPE = Path(sys.executable).parent / "llmpipe"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def api(base: str, path: str, body: dict | None = None, method: str | None = None) -> dict | list:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        f"{base}{path}",
+        data=data,
+        method=method or ("POST" if data else "GET"),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read() or b"null")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("stack")
+    project = make_project(
+        root / "project",
+        {
+            "base_model": {"source": str(tiny_model_dir)},
+            "prepare": {"block_size": 32},
+            "train": {"max_steps": 6, "learning_rate": 3.0e-3, "save_steps": 3},
+            "evaluate": {
+                "window": 64,
+                "stride": 64,
+                "batch_size": 8,
+                "samples": 1,
+                "sample_tokens": 4,
+            },
+        },
+    )
+    prefect_port, mlflow_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(root / "prefect-home"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db",
+    }
+    env.pop("PREFECT_API_URL", None)
+    log = (root / "up.log").open("w")
+    proc = subprocess.Popen(
+        [LLMPIPE, "up", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)],
+        cwd=project,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{prefect_port}/api"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, (root / "up.log").read_text()[-3000:]
+        try:
+            if len(api(base, "/deployments/filter", {})) == 2:
+                break
+        except OSError:
+            pass
+        time.sleep(1)
+    else:
+        pytest.fail("deployments did not appear: " + (root / "up.log").read_text()[-3000:])
+    yield {
+        "api": base,
+        "project": project,
+        "mlflow": f"http://127.0.0.1:{mlflow_port}",
+        "ui": f"http://127.0.0.1:{prefect_port}",
+        "proc": proc,
+        "log": root / "up.log",
+    }
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+
+
+def deployments(stack) -> dict[str, dict]:
+    return {d["name"]: d for d in api(stack["api"], "/deployments/filter", {})}
+
+
+def test_deployments_have_their_schedule_and_a_typed_form(stack):
+    found = deployments(stack)
+    assert set(found) == {"manual", "retrain-on-new-data"}
+    cron = [s["schedule"]["cron"] for s in found["retrain-on-new-data"]["schedules"]]
+    assert cron == ["0 3 * * *"] and not found["manual"]["schedules"]
+    assert found["retrain-on-new-data"]["parameters"]["only_if_data_changed"] is True
+    form = found["manual"]["parameter_openapi_schema"]["properties"]
+    assert {"learning_rate", "max_steps", "base_model", "data", "only_if_data_changed"} <= set(form)
+    assert any(t.get("type") == "number" for t in form["learning_rate"]["anyOf"])
+    assert requests_ok(stack["mlflow"] + "/health")
+
+
+def requests_ok(url: str, timeout: float = 90) -> bool:
+    """True once url answers 200 (the MLflow UI starts after the runner has registered)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return resp.status == 200
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
+
+
+def run_and_wait(stack, name: str, parameters: dict, timeout: float = 400) -> dict:
+    deployment = deployments(stack)[name]
+    run = api(
+        stack["api"], f"/deployments/{deployment['id']}/create_flow_run", {"parameters": parameters}
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = api(stack["api"], f"/flow_runs/{run['id']}")["state"]
+        if state["type"] in {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}:
+            return state
+        time.sleep(2)
+    pytest.fail(f"flow run {run['id']} still {state['type']}: " + stack["log"].read_text()[-3000:])
+
+
+def test_ui_run_button_runs_the_pipeline_then_schedule_skips_unchanged_data(stack):
+    state = run_and_wait(stack, "manual", {"serve_check": False})
+    assert state["type"] == "COMPLETED", stack["log"].read_text()[-3000:]
+    assert json.loads((stack["project"] / "metrics/eval.json").read_text())["perplexity"] > 0
+    scheduled = run_and_wait(stack, "retrain-on-new-data", {})
+    assert scheduled["type"] == "COMPLETED"
+    assert "no new data" in stack["log"].read_text()
+
+
+def test_ctrl_c_stops_every_process(stack):
+    proc = stack["proc"]
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 0
+    for url in (stack["ui"], stack["mlflow"]):
+        with pytest.raises(OSError):
+            urllib.request.urlopen(url, timeout=3)
