@@ -11,8 +11,9 @@ comparison with the Hub's definition.
 Scoring: each text is tokenized without special tokens (the same for every model); its first token is
 context only, every later token is predicted exactly once. Texts longer than `window` are scored with
 a sliding window that advances by `stride`, so each predicted token sees up to (window - stride)
-tokens of earlier context. Windows of all texts are sorted by length and batched with no padding beyond
-each batch; NLLs are accumulated in float64.
+tokens of earlier context. Windows of all texts are sorted by length and batched under a token budget
+(batch_size x window), so short windows share a batch and are never padded to a long one's length;
+NLLs are accumulated in float64.
 """
 
 from __future__ import annotations
@@ -51,25 +52,84 @@ def plan_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int
     return spans
 
 
+LM_HEAD_CHUNK = 1024  # positions per lm_head matmul: bounds the [chunk, vocab] float32 logits
+
+
+def split_head(model):
+    """(backbone, lm_head) when logits are exactly lm_head(last hidden state), else None.
+
+    Scoring through them computes logits only for predicted positions, a chunk at a time, instead
+    of a [batch, length, vocab] tensor (3 GB for 8 x 2048 tokens of a 49k vocabulary).
+    """
+    config = model.config
+    if getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None):
+        return None
+    head = model.get_output_embeddings()
+    backbone = getattr(model, "base_model", None)
+    if head is None or backbone is None or backbone is model:
+        return None
+    return backbone, head
+
+
+def target_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """-log softmax(logits)[target] per row, in float32, returned as float64."""
+    logits = logits.float()
+    picked = logits.gather(-1, targets[:, None]).squeeze(-1)
+    return (torch.logsumexp(logits, -1) - picked).double()
+
+
 def window_nll(model, batch: list[list[int]], n_targets: list[int], pad_id: int) -> list[float]:
     """Sum of NLL over the last n_targets tokens of each (right-padded) sequence in the batch."""
     device = next(model.parameters()).device
     width = max(len(ids) for ids in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
+    rows, cols = [], []  # (row, position) of each prediction; position p predicts token p + 1
     for row, seq in enumerate(batch):
         ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
+        rows += [row] * n_targets[row]
+        cols += range(len(seq) - 1 - n_targets[row], len(seq) - 1)
     ids, mask = ids.to(device), mask.to(device)
+    rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
+    targets = ids[rows_t, cols_t + 1]
+    parts = split_head(model)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token_nll = -logprobs.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    sums = []
-    for row, seq in enumerate(batch):
-        end = len(seq) - 1  # position of the last prediction in the shifted frame
-        sums.append(token_nll[row, end - n_targets[row] : end].double().sum().item())
-    return sums
+        if parts is None:
+            logits = model(input_ids=ids, attention_mask=mask).logits[rows_t, cols_t]
+            nll = target_nll(logits, targets)
+        else:
+            backbone, head = parts
+            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[rows_t, cols_t]
+            nll = torch.cat(
+                [
+                    target_nll(head(hidden[k : k + LM_HEAD_CHUNK]), targets[k : k + LM_HEAD_CHUNK])
+                    for k in range(0, len(targets), LM_HEAD_CHUNK)
+                ]
+            )
+    sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
+    sums.index_add_(0, rows_t, nll)
+    return sums.tolist()
+
+
+def token_budget_batches(jobs: list, budget: int) -> list[list]:
+    """Cut length-sorted jobs into batches whose padded size (count x longest) stays within budget
+    and is at least half real tokens.
+
+    `batch_size` full windows fit in a batch; shorter windows pack proportionally more, and a long
+    window never drags a batch of short ones up to its length.
+    """
+    batches: list[list] = []
+    real = 0
+    for job in jobs:
+        padded = (len(batches[-1]) + 1) * len(job[1]) if batches else 0
+        if batches and padded <= budget and 2 * (real + len(job[1])) >= padded:
+            batches[-1].append(job)
+            real += len(job[1])
+        else:
+            batches.append([job])
+            real = len(job[1])
+    return batches
 
 
 def score_texts(model, tokenizer, texts, window=512, stride=512, batch_size=4) -> dict:
@@ -84,8 +144,7 @@ def score_texts(model, tokenizer, texts, window=512, stride=512, batch_size=4) -
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        for start in range(0, len(jobs), batch_size):
-            chunk = jobs[start : start + batch_size]
+        for chunk in token_budget_batches(jobs, budget=batch_size * window):
             sums = window_nll(model, [j[1] for j in chunk], [j[2] for j in chunk], pad_id)
             for (i, _, _), s in zip(chunk, sums, strict=True):
                 nll[i] += s

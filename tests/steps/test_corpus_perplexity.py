@@ -303,3 +303,26 @@ def test_score_texts_reports_an_interval_around_the_point(tiny_model):
     assert out["ci_low"] <= out["perplexity"] <= out["ci_high"]
     assert sum(out["text_tokens"]) == out["tokens"]
     assert sum(out["text_nlls"]) == pytest.approx(out["nll"])
+
+
+def test_token_budget_batches_pack_short_windows_and_isolate_long_ones():
+    jobs = [(i, [0] * n, n - 1) for i, n in enumerate([10, 10, 12, 30, 100, 100, 400])]
+    batches = cp.token_budget_batches(jobs, budget=400)
+    assert [[len(j[1]) for j in b] for b in batches] == [[10, 10, 12, 30], [100, 100], [400]]
+    for batch in batches:
+        padded = len(batch) * max(len(j[1]) for j in batch)
+        assert padded <= 400 or len(batch) == 1
+        assert 2 * sum(len(j[1]) for j in batch) >= padded
+    assert sorted(j[0] for b in batches for j in b) == list(range(len(jobs)))
+
+
+def test_chunked_head_path_equals_full_logits_path(tiny_model, monkeypatch):
+    model, tok = tiny_model
+    assert cp.split_head(model) is not None  # a Llama: backbone + lm_head
+    texts = [t * 3 for t in SAMPLE_TEXT]
+    monkeypatch.setattr(cp, "LM_HEAD_CHUNK", 7)  # many chunks, uneven tail
+    chunked = cp.score_texts(model, tok, texts, window=24, stride=16, batch_size=3)
+    monkeypatch.setattr(cp, "split_head", lambda m: None)
+    full = cp.score_texts(model, tok, texts, window=24, stride=16, batch_size=3)
+    assert chunked["perplexity"] == pytest.approx(full["perplexity"], rel=1e-6)
+    assert chunked["perplexities"] == pytest.approx(full["perplexities"], rel=1e-6)
