@@ -54,7 +54,24 @@ def build_model_dir(dest: Path, layers: int | None) -> tuple[Path, int]:
     cfg = dict(SMOLLM2_135M, num_hidden_layers=layers or SMOLLM2_135M["num_hidden_layers"])
     model = LlamaForCausalLM(LlamaConfig(**cfg))
     model.save_pretrained(dest, safe_serialization=True)
+    placeholder_tokenizer().save_pretrained(
+        dest
+    )  # train() saves one with the model; ids are synthetic
     return dest, sum(p.numel() for p in model.parameters())
+
+
+def placeholder_tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="</s>",
+    )
 
 
 def write_blocks(data_dir: Path, n_blocks: int, block_size: int, vocab: int) -> None:
@@ -63,8 +80,8 @@ def write_blocks(data_dir: Path, n_blocks: int, block_size: int, vocab: int) -> 
 
     rng = np.random.default_rng(0)
     blocks = rng.integers(3, vocab, size=(n_blocks, block_size)).tolist()
-    Dataset.from_dict({"input_ids": blocks}).save_to_disk(str(data_dir / "train"))
-    Dataset.from_dict({"input_ids": []}).save_to_disk(str(data_dir / "validation"))
+    Dataset.from_dict({"input_ids": blocks}).save_to_disk(str(data_dir / "train"), num_shards=1)
+    Dataset.from_dict({"input_ids": []}).save_to_disk(str(data_dir / "validation"), num_shards=1)
     (data_dir / "stats.json").write_text(json.dumps({"synthetic": n_blocks}))
 
 
