@@ -156,6 +156,31 @@ def cmd_data_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from flows.stages import UserInputError
+    from flows.sweep import expand_grid, sweep
+
+    expand_grid(args.set or [])  # a malformed axis fails before Prefect starts
+    try:
+        result = sweep(project_dir=".", grid=args.set, serve_check=not args.no_serve_check)
+    except (UserError, UserInputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return USER_ERROR_EXIT
+    for run in result["runs"]:
+        print(
+            f"  {' '.join(run['overrides']):<50} perplexity {run['perplexity']:.4f}"
+            f"  (version {run['version']})"
+        )
+    best, reg = result["best"], result["final"]["register"]
+    print(
+        f"sweep {result['sweep_id']}: best {' '.join(best['overrides'])}; "
+        f"{'promoted to champion' if reg['promote'] else 'not promoted'}: "
+        + "; ".join(reg["reasons"])
+    )
+    print(f"compare the runs in MLflow: filter on tags.sweep = '{result['sweep_id']}'")
+    return 0
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -218,6 +243,17 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--per-text", action="store_true", help="also each text's perplexity")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(func=cmd_perplexity)
+    sweep = sub.add_parser("sweep", help="a grid of runs; only the best can become champion")
+    sweep.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        required=True,
+        metavar="SECTION.KEY=V1,V2",
+        help="one axis of the grid",
+    )
+    sweep.add_argument("--no-serve-check", action="store_true", help="skip the final smoke_serve")
+    sweep.set_defaults(func=cmd_sweep)
     deploy = sub.add_parser("deploy", help="create the Prefect deployments (manual, scheduled)")
     deploy.set_defaults(func=cmd_deploy)
     stack = sub.add_parser("up", help="Prefect server + runner + MLflow UI on 127.0.0.1")

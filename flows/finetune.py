@@ -81,9 +81,9 @@ def dvc_stage(stage: str, project: str, env: dict[str, str]) -> dict:
 
 
 @task(retries=2, timeout_seconds=3600, **RETRY_POLICY)
-def register(project: str, env: dict[str, str]) -> dict:
+def register(project: str, env: dict[str, str], promote: bool = True) -> dict:
     """Log and register the tuned model; move `champion` only if it wins on the same test split."""
-    return _step_with_report("steps.register", [], project, env)
+    return _step_with_report("steps.register", [] if promote else ["--no-promote"], project, env)
 
 
 @task(retries=1, timeout_seconds=1200, **RETRY_POLICY)
@@ -127,6 +127,8 @@ def finetune(
     serve_check: bool = True,
     only_if_data_changed: bool = False,
     continue_from_champion: bool = False,
+    promote: bool = True,
+    run_tags: dict[str, str] | None = None,
     workspace_timeout_s: int = 6 * 3600,
 ) -> dict:
     """Fine-tune, evaluate, register and smoke-serve; params.yaml holds every other knob.
@@ -143,6 +145,8 @@ def finetune(
             one the champion was trained on (what scheduled retraining uses).
         continue_from_champion: fine-tune the current champion (recorded in params.yaml as
             base_model.source=models:/NAME/VERSION) instead of base_model.source.
+        promote: apply the promotion gate (a sweep registers its candidates with promote=False).
+        run_tags: extra tags on the MLflow run (a sweep tags its runs with its id).
         workspace_timeout_s: how long to wait for another run in the same project to finish.
     """
     project = Path(project_dir).resolve()
@@ -166,12 +170,21 @@ def finetune(
             if unchanged:
                 get_run_logger().info(unchanged)
                 return {"skipped": unchanged}
-        return run_pipeline(project, params, uri, serve_check)
+        return run_pipeline(project, params, uri, serve_check, promote, run_tags or {})
 
 
-def run_pipeline(project: Path, params: Params, uri: str, serve_check: bool) -> dict:
+def run_pipeline(
+    project: Path,
+    params: Params,
+    uri: str,
+    serve_check: bool,
+    promote: bool = True,
+    run_tags: dict[str, str] | None = None,
+) -> dict:
     """The stages, register, report and smoke-serve, inside one MLflow run."""
-    run_id, experiment_id = open_run(uri, project, params, flow_run.get_name() or "finetune")
+    run_id, experiment_id = open_run(
+        uri, project, params, flow_run.get_name() or "finetune", run_tags or {}
+    )
     env = {
         "MLFLOW_TRACKING_URI": uri,
         "MLFLOW_RUN_ID": run_id,
@@ -192,7 +205,7 @@ def run_pipeline(project: Path, params: Params, uri: str, serve_check: bool) -> 
             if stage == "prepare":
                 summary["lineage"] = tag_data_lineage(uri, run_id, project, params)
         summary["metrics"] = json.loads((project / EVAL_METRICS).read_text())
-        summary["register"] = register(str(project), env)
+        summary["register"] = register(str(project), env, promote)
         create_markdown_artifact(
             report_markdown(summary, project),
             key="finetune-report",

@@ -25,7 +25,9 @@ def flat_params(params: Params) -> dict[str, str]:
     }
 
 
-def open_run(uri: str, project: Path, params: Params, flow_run_name: str) -> tuple[str, str]:
+def open_run(
+    uri: str, project: Path, params: Params, flow_run_name: str, extra_tags: dict[str, str]
+) -> tuple[str, str]:
     """Create the flow run's MLflow run; return (run id, experiment id)."""
     from mlflow import MlflowClient
 
@@ -44,6 +46,7 @@ def open_run(uri: str, project: Path, params: Params, flow_run_name: str) -> tup
             "git_sha": git_sha(project),
             "base_model": params.base_model.source,
             "data_path": params.prepare.data,
+            **extra_tags,
         },
     )
     for key, value in flat_params(params).items():

@@ -162,7 +162,30 @@ def log_and_register(client, params: Params, tags: dict[str, str]):
     return mv
 
 
-def register(params: Params) -> dict:
+def decide(client, name: str, mv, metrics: dict, params: Params) -> Decision:
+    """Apply the promotion gate to version `mv`, and move `champion` to it if it passes."""
+    champion = alias_version(client, name, CHAMPION)
+    if champion is not None and champion.version == mv.version:
+        return Decision(False, [f"version {mv.version} is already the champion"])
+    champ_ppl = (
+        None
+        if champion is None
+        else champion_perplexity(champion, name, metrics["test_split_hash"], params.evaluate)
+    )
+    decision = promotion_decision(
+        metrics["perplexity_ci_high"],
+        metrics["base_perplexity"],
+        champ_ppl,
+        params.registry.min_improvement,
+        metrics.get("forgetting"),
+        params.registry.max_forgetting,
+    )
+    if decision.promote:
+        client.set_registered_model_alias(name, CHAMPION, mv.version)
+    return decision
+
+
+def register(params: Params, promote: bool = True) -> dict:
     import mlflow
     from mlflow import MlflowClient
 
@@ -184,25 +207,10 @@ def register(params: Params) -> dict:
         print(f"register: {name} version {mv.version} (challenger)")
     else:
         print(f"register: this model is already {name} version {mv.version}; nothing registered")
-    champion = alias_version(client, name, CHAMPION)
-    if champion is not None and champion.version == mv.version:
-        decision = Decision(False, [f"version {mv.version} is already the champion"])
+    if promote:
+        decision = decide(client, name, mv, metrics, params)
     else:
-        champ_ppl = (
-            None
-            if champion is None
-            else champion_perplexity(champion, name, metrics["test_split_hash"], params.evaluate)
-        )
-        decision = promotion_decision(
-            metrics["perplexity_ci_high"],
-            metrics["base_perplexity"],
-            champ_ppl,
-            params.registry.min_improvement,
-            metrics.get("forgetting"),
-            params.registry.max_forgetting,
-        )
-        if decision.promote:
-            client.set_registered_model_alias(name, CHAMPION, mv.version)
+        decision = Decision(False, ["sweep candidate: the best of the sweep is promoted after it"])
     aliases = client.get_model_version(name, mv.version).aliases
     print(f"register: promote={decision.promote}: " + "; ".join(decision.reasons))
     return {
@@ -218,10 +226,11 @@ def register(params: Params) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--report", type=Path, help="write the outcome as JSON here")
+    parser.add_argument("--no-promote", action="store_true", help="register only (sweep runs)")
     args = parser.parse_args()
     # The model is local: stop MLflow looking for a model card and license on the Hub.
     os.environ["HF_HUB_OFFLINE"] = "1"
-    report = register(load_params())
+    report = register(load_params(), promote=not args.no_promote)
     if args.report:
         write_json(args.report, report)
 
