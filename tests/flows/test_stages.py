@@ -26,8 +26,12 @@ def test_user_error_line_needs_exit_2_and_an_error_line():
 @pytest.mark.unit
 def test_run_logged_streams_lines_and_returns_the_exit_code(tmp_path):
     seen = []
-    code, tail = run_logged([sys.executable, "-c", "print('a'); print('b'); raise SystemExit(3)"],
-                            tmp_path, dict(os.environ), seen.append)  # fmt: skip
+    code, tail = run_logged(
+        [sys.executable, "-c", "print('a'); print('b'); raise SystemExit(3)"],
+        tmp_path,
+        dict(os.environ),
+        seen.append,
+    )
     assert code == 3 and seen == ["a", "b"] and tail == ["a", "b"]
 
 
@@ -100,3 +104,38 @@ def test_prefect_retries_transient_failures_but_not_user_errors(prefect_server):
 
     assert both() == ("FAILED", "COMPLETED")
     assert attempts == {"user": 1, "flaky": 3}
+
+
+@pytest.mark.integration
+def test_a_killed_stage_is_retried_by_prefect(prefect_server, tmp_path):
+    """A stage process killed by SIGKILL (out-of-memory killer, a node going away) is retried."""
+    from prefect import flow, task
+
+    from flows.finetune import RETRY_POLICY
+
+    pkg = tmp_path / "fake_stage"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "killed_once.py").write_text(
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "marker = Path(sys.argv[1])\n"
+        "if not marker.exists():\n"
+        "    marker.write_text('killed')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "print('second attempt done')\n"
+    )
+    lines: list[str] = []
+
+    @task(retries=2, **{**RETRY_POLICY, "retry_delay_seconds": 0})
+    def stage() -> float:
+        return run_step_module(
+            "fake_stage.killed_once", [str(tmp_path / "marker")], tmp_path, {}, lines.append
+        )
+
+    @flow
+    def one_stage() -> str:
+        return stage(return_state=True).type.value
+
+    assert one_stage() == "COMPLETED"
+    assert (tmp_path / "marker").read_text() == "killed" and lines == ["second attempt done"]
