@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.llmpipe-installed
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test test-unit test-integration test-e2e lint lock clean
+.PHONY: run test test-unit test-integration test-e2e lint lock clean chromium
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,15 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)  ## fine-tune the embedded default (or your params.yaml) end to end
 	$(BIN)/llmpipe run
 
-test: $(STAMP)  ## unit, integration and e2e tiers
+test: $(STAMP) chromium  ## unit, integration and e2e tiers
 	$(BIN)/python -m pytest -m "unit or integration or e2e" -v --durations=15
+
+# The Prefect UI test drives Debian's chromium (playwright itself downloads nothing).
+chromium:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: install chromium (e.g. sudo apt-get install chromium) for the browser test"; fi; }
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -m unit -q

@@ -71,6 +71,8 @@ def up(project: Path, prefect_port: int = 4200, mlflow_port: int = 5000) -> int:
     env = stack_env(prefect_port)
     bin_dir = Path(sys.executable).parent
     procs: list[subprocess.Popen] = []
+    # SIGTERM (a service manager, `timeout`) must stop the children too: make it unwind like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     try:
         server = start(
             [

@@ -151,6 +151,45 @@ def test_ui_run_button_runs_the_pipeline_then_schedule_skips_unchanged_data(stac
     assert "no new data" in stack["log"].read_text()
 
 
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def test_prefect_ui_shows_the_deployments_and_the_last_run(stack, tmp_path):
+    """Headless Debian chromium opens the UI that `llmpipe up` serves (set LLMPIPE_SCREENSHOTS=DIR
+    to keep the pictures the README shows)."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "install Debian's chromium (apt-get install chromium); .ci/run does"
+    shots = Path(os.environ.get("LLMPIPE_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(stack["ui"] + "/deployments")
+        page.get_by_text("retrain-on-new-data").first.wait_for(timeout=90_000)
+        page.get_by_text("manual", exact=True).first.wait_for(timeout=30_000)
+        page.screenshot(path=shots / "prefect-deployments.png")
+        page.goto(stack["ui"] + "/runs")
+        page.get_by_text("Completed").first.wait_for(timeout=90_000)
+        page.screenshot(path=shots / "prefect-runs.png")
+        page.goto(stack["mlflow"] + "/#/models/llmpipe")
+        page.get_by_text("champion").first.wait_for(timeout=90_000)
+        page.screenshot(path=shots / "mlflow-model.png")
+        browser.close()
+    assert (shots / "prefect-runs.png").stat().st_size > 10_000
+
+
 def test_ctrl_c_stops_every_process(stack):
     proc = stack["proc"]
     os.killpg(proc.pid, signal.SIGINT)
