@@ -33,8 +33,15 @@ def format_summary(summary: dict, seconds: float) -> str:
     m, reg = summary["metrics"], summary["register"]
     stages = stages_text(summary["stages"])
     change = m["perplexity"] / m["base_perplexity"] - 1
+    inside = (
+        sum(st["seconds"] for st in summary["stages"])
+        + reg.get("seconds", 0.0)
+        + summary.get("serve", {}).get("seconds", 0.0)
+    )
     lines = [
-        f"llmpipe run finished in {seconds / 60:.1f} min",
+        f"llmpipe run finished in {seconds / 60:.1f} min "
+        f"(orchestration {seconds - inside:.0f} s = {(seconds - inside) / seconds:.1%}; "
+        f"the rest inside the stages)",
         f"  stages      {stages}",
         f"  perplexity  base {m['base_perplexity']:.3f} -> tuned {m['perplexity']:.3f} ({change:+.1%})"
         f" on {m['documents']} held-out documents, {m['tokens']} tokens"
