@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,15 +27,6 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT_FILES = [
-    "steps",
-    "flows",
-    "dvc.yaml",
-    "params.yaml",
-    ".dvc/config",
-    ".gitignore",
-    "data/reference",
-]
 RUN_FLOW = """
 import json, sys, time
 from flows.finetune import finetune
@@ -51,21 +41,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def copy_project(dest: Path) -> Path:
-    for name in PROJECT_FILES:
-        src = REPO / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    git = ["git", "-c", "user.email=bench@llmpipe.invalid", "-c", "user.name=bench"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "bench"], cwd=dest, check=True)
-    return dest
 
 
 def start_server(env: dict[str, str], port: int) -> subprocess.Popen:
@@ -92,6 +67,7 @@ def start_server(env: dict[str, str], port: int) -> subprocess.Popen:
 
 
 def run_flow(project: Path, overrides: list[str], env: dict[str, str]) -> dict:
+    """One finetune flow run in a fresh process; its summary with the flow's wall time."""
     done = subprocess.run(
         [sys.executable, "-c", RUN_FLOW, str(project), *overrides],
         env=env,
@@ -116,20 +92,12 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        project = copy_project(work / "project")
-        overrides: list[str] = []
-        if args.quick:
-            sys.path.insert(0, str(REPO))
-            from tests.tiny import build_tiny_model
+        sys.path.insert(0, str(REPO))
+        from tests.project import make_project, tiny_params
+        from tests.tiny import build_tiny_model
 
-            tiny = build_tiny_model(work / "tiny")
-            overrides = [
-                f"base_model.source={tiny}",
-                "prepare.block_size=32",
-                "train.max_steps=6",
-                "evaluate.samples=1",
-                "evaluate.sample_tokens=4",
-            ]
+        edits = tiny_params(build_tiny_model(work / "tiny")) if args.quick else {}
+        project = make_project(work / "project", edits)
         port = free_port()
         env = {
             **os.environ,
@@ -143,7 +111,7 @@ def main() -> int:
         env.pop("MLFLOW_RUN_ID", None)
         server = start_server(env, port)
         try:
-            first = run_flow(project, overrides, env)
+            first = run_flow(project, [], env)
             cached = run_flow(project, [], env)
         finally:
             os.killpg(server.pid, signal.SIGTERM)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_project
+from tests.project import make_project, tiny_params
 
 pytestmark = pytest.mark.integration
 
@@ -43,21 +43,7 @@ def api(base: str, path: str, body: dict | None = None, method: str | None = Non
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model_dir):
     root = tmp_path_factory.mktemp("stack")
-    project = make_project(
-        root / "project",
-        {
-            "base_model": {"source": str(tiny_model_dir)},
-            "prepare": {"block_size": 32},
-            "train": {"max_steps": 6, "learning_rate": 3.0e-3, "save_steps": 3},
-            "evaluate": {
-                "window": 64,
-                "stride": 64,
-                "batch_size": 8,
-                "samples": 1,
-                "sample_tokens": 4,
-            },
-        },
-    )
+    project = make_project(root / "project", tiny_params(tiny_model_dir, learning_rate=3.0e-3))
     prefect_port, mlflow_port = free_port(), free_port()
     env = {
         **os.environ,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.conftest import make_project
+from tests.project import make_project, tiny_params
 
 pytestmark = pytest.mark.integration
 
@@ -31,21 +31,7 @@ def test_sweep_registers_every_run_and_promotes_only_the_best(
 
     from flows.sweep import sweep
 
-    project = make_project(
-        tmp_path / "project",
-        {
-            "base_model": {"source": str(tiny_model_dir)},
-            "prepare": {"block_size": 32},
-            "train": {"max_steps": 6, "save_steps": 3},
-            "evaluate": {
-                "window": 64,
-                "stride": 64,
-                "batch_size": 8,
-                "samples": 1,
-                "sample_tokens": 4,
-            },
-        },
-    )
+    project = make_project(tmp_path / "project", tiny_params(tiny_model_dir))
     uri = f"sqlite:///{project}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     result = sweep(
