@@ -1,0 +1,57 @@
+"""Two `llmpipe run`s started together in one project: the second waits, nothing is corrupted."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.project import make_project, tiny_params
+
+pytestmark = pytest.mark.integration
+
+LLMPIPE = Path(sys.executable).parent / "llmpipe"
+
+
+def test_concurrent_runs_are_serialised_and_leave_a_consistent_workspace(tmp_path, tiny_model_dir):
+    from mlflow import MlflowClient
+
+    project = make_project(tmp_path / "project", tiny_params(tiny_model_dir, learning_rate=3.0e-3))
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db",
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+    }
+    env.pop("PREFECT_API_URL", None)
+    runs = [
+        subprocess.Popen(
+            [LLMPIPE, "run", "--no-serve-check"],
+            cwd=project,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for _ in range(2)
+    ]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], "\n".join(o[-2000:] for o in outputs)
+    assert any("waiting for the workspace" in o for o in outputs)  # one queued behind the other
+    # one of them trained; the other found every stage up to date and registered nothing new
+    assert sorted("stages      corpus cached" in o for o in outputs) == [False, True]
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"corpus", "base_model", "prepare", "train", "evaluate"}
+    status = subprocess.run(
+        [Path(sys.executable).parent / "dvc", "status"],
+        cwd=project,
+        text=True,
+        capture_output=True,
+        env={**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}"},
+    )
+    assert "up to date" in status.stdout, status.stdout + status.stderr
+    versions = MlflowClient(env["MLFLOW_TRACKING_URI"]).search_model_versions("name='llmpipe'")
+    assert len(versions) == 1
