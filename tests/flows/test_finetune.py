@@ -77,8 +77,12 @@ def test_first_run_trains_registers_promotes_and_serves(first_run, project, mlfl
     from mlflow import MlflowClient
 
     assert [s["name"] for s in first_run["stages"]] == [
-        "corpus", "base_model", "prepare", "train", "evaluate",
-    ]  # fmt: skip
+        "corpus",
+        "base_model",
+        "prepare",
+        "train",
+        "evaluate",
+    ]
     assert not any(s["skipped"] for s in first_run["stages"])
     metrics = json.loads((project / "metrics" / "eval.json").read_text())
     assert metrics["perplexity"] < metrics["base_perplexity"]
@@ -130,44 +134,51 @@ def test_second_run_is_cached_and_registers_nothing(first_run, project, mlflow_u
 def test_dvc_repro_alone_reruns_only_what_a_param_change_touches(first_run, project):
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     env.pop("MLFLOW_RUN_ID", None)
-    status = subprocess.run([BIN / "dvc", "status"], cwd=project, env=env, text=True,
-                            capture_output=True, check=True)  # fmt: skip
+    status = subprocess.run(
+        [BIN / "dvc", "status"], cwd=project, env=env, text=True, capture_output=True, check=True
+    )
     assert "up to date" in status.stdout
     params = (project / "params.yaml").read_text()
     (project / "params.yaml").write_text(params.replace("max_steps: 8", "max_steps: 10"))
-    out = subprocess.run([BIN / "dvc", "repro"], cwd=project, env=env, text=True,
-                         capture_output=True)  # fmt: skip
+    out = subprocess.run(
+        [BIN / "dvc", "repro"], cwd=project, env=env, text=True, capture_output=True
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     ran = set(re.findall(r"Running stage '(\w+)'", out.stdout))
     assert ran == {"train", "evaluate"}, out.stdout[-2000:]
     assert json.loads((project / "metrics/train.json").read_text())["steps"] == 10
     (project / "params.yaml").write_text(params)
-    restore = subprocess.run([BIN / "dvc", "repro"], cwd=project, env=env, text=True,
-                             capture_output=True)  # fmt: skip
+    restore = subprocess.run(
+        [BIN / "dvc", "repro"], cwd=project, env=env, text=True, capture_output=True
+    )
     assert restore.returncode == 0, restore.stderr[-2000:]
 
 
 def _llmpipe(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([BIN / "llmpipe", "run", *args], cwd=project, text=True,
-                          capture_output=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [BIN / "llmpipe", "run", *args], cwd=project, text=True, capture_output=True, timeout=300
+    )
 
 
 USER_ERRORS = {
     "missing data file": (
-        ["-S", "prepare.data=data/raw/missing.jsonl"], None,
+        ["-S", "prepare.data=data/raw/missing.jsonl"],
+        None,
         r"data/raw/missing\.jsonl: data file not found",
     ),
     "empty corpus": (
-        ["-S", "prepare.data=data/raw/empty.txt"], ("data/raw/empty.txt", "\n \n"),
+        ["-S", "prepare.data=data/raw/empty.txt"],
+        ("data/raw/empty.txt", "\n \n"),
         r"empty\.txt: the corpus is empty",
     ),
     "bad JSONL line": (
-        ["-S", "prepare.data=data/raw/bad.jsonl"], ("data/raw/bad.jsonl", '{"text": "a"}\n{oops\n'),
+        ["-S", "prepare.data=data/raw/bad.jsonl"],
+        ("data/raw/bad.jsonl", '{"text": "a"}\n{oops\n'),
         r"bad\.jsonl:2: not valid JSON",
     ),
     "unknown params key": (["-S", "train.lr=0.1"], None, r"unknown key 'train\.lr'"),
     "value out of range": (["-S", "train.max_steps=0"], None, r"'train\.max_steps'"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize(
@@ -201,8 +212,9 @@ def test_unknown_key_in_params_file_stops_dvc_repro_too(first_run, project):
     params = (project / "params.yaml").read_text()
     (project / "params.yaml").write_text(params + "\nextra_section:\n  x: 1\n")
     try:
-        done = subprocess.run([sys.executable, "-m", "steps.prepare"], cwd=project, text=True,
-                              capture_output=True)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", "steps.prepare"], cwd=project, text=True, capture_output=True
+        )
     finally:
         (project / "params.yaml").write_text(params)
     lines = done.stderr.strip().splitlines()
@@ -218,10 +230,25 @@ def test_perplexity_cli_scores_the_champion_uri_like_the_pipeline(first_run, pro
     heldout = project / "heldout.jsonl"
     heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     done = subprocess.run(
-        [BIN / "llmpipe", "perplexity", "--model", "models:/llmpipe@champion", "--input", heldout,
-         "--window", "64", "--stride", "32", "--per-text", "--json"],
-        cwd=project, text=True, capture_output=True, env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
-    )  # fmt: skip
+        [
+            BIN / "llmpipe",
+            "perplexity",
+            "--model",
+            "models:/llmpipe@champion",
+            "--input",
+            heldout,
+            "--window",
+            "64",
+            "--stride",
+            "32",
+            "--per-text",
+            "--json",
+        ],
+        cwd=project,
+        text=True,
+        capture_output=True,
+        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     from mlflow import MlflowClient
@@ -275,12 +302,16 @@ def test_retrain_skips_unchanged_data_then_runs_after_data_add(first_run, projec
         "import",
         "yield",
     ]
-    new.write_text("".join(
-        json.dumps({"text": f"Topic {i}. " + " ".join(words[(i + k) % 10] for k in range(60))}) + "\n"
-        for i in range(60)
-    ))  # fmt: skip
-    added = subprocess.run([BIN / "llmpipe", "data", "add", str(new)], cwd=project, text=True,
-                           capture_output=True)  # fmt: skip
+    new.write_text(
+        "".join(
+            json.dumps({"text": f"Topic {i}. " + " ".join(words[(i + k) % 10] for k in range(60))})
+            + "\n"
+            for i in range(60)
+        )
+    )
+    added = subprocess.run(
+        [BIN / "llmpipe", "data", "add", str(new)], cwd=project, text=True, capture_output=True
+    )
     assert added.returncode == 0, added.stderr
     rerun = finetune(project_dir=str(project), only_if_data_changed=True, serve_check=False)
     assert "skipped" not in rerun
@@ -288,3 +319,35 @@ def test_retrain_skips_unchanged_data_then_runs_after_data_add(first_run, projec
     assert {"prepare", "train", "evaluate"} <= ran
     assert rerun["register"]["tags"]["data_hash"] == file_md5(project / "data/raw/new_topics.jsonl")
     assert rerun["register"]["new_version"] is True
+
+
+def test_continue_from_champion_fine_tunes_the_registered_model(first_run, project, mlflow_uri):
+    """Scheduled retraining can start from the champion instead of the base model."""
+    from mlflow import MlflowClient
+
+    from flows.finetune import finetune
+
+    champion = MlflowClient(mlflow_uri).get_model_version_by_alias("llmpipe", "champion")
+    summary = finetune(
+        project_dir=str(project),
+        continue_from_champion=True,
+        serve_check=False,
+        overrides=["train.max_steps=4"],
+    )
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    assert params["base_model"]["source"] == f"models:/llmpipe/{champion.version}"
+    ran = {s["name"] for s in summary["stages"] if not s["skipped"]}
+    assert {"base_model", "prepare", "train", "evaluate"} <= ran
+    # the new base model is the champion, weight for weight
+    import mlflow
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    mlflow.set_tracking_uri(mlflow_uri)
+    registered = mlflow.transformers.load_model(
+        f"models:/llmpipe/{champion.version}", return_type="components"
+    )["model"].state_dict()
+    base = AutoModelForCausalLM.from_pretrained(project / "models/base").state_dict()
+    assert registered.keys() == base.keys()
+    assert all(torch.equal(registered[k], base[k]) for k in base)
+    assert summary["register"]["tags"]["base_model"] == f"models:/llmpipe/{champion.version}"
