@@ -104,7 +104,9 @@ def run_dvc_stage(stage: str, project: Path, env: dict[str, str], log: Callable[
             raise UserInputError(message)
         raise StageFailed(f"stage {stage!r} failed (exit {code}): " + " | ".join(lines[-3:]))
     # "didn't change, skipping"; or restored from DVC's run cache: "is cached - skipping run"
-    skipped = any(re.search(r"didn't change, skipping|is cached - skipping", line) for line in lines)
+    skipped = any(
+        re.search(r"didn't change, skipping|is cached - skipping", line) for line in lines
+    )
     return StageOutcome(stage, skipped, time.perf_counter() - started)
 
 

@@ -96,9 +96,7 @@ def data_unchanged_since_champion(uri: str, project: Path, params: Params) -> st
 def champion_version(uri: str, model_name: str):
     """The registered version behind alias `champion`, or None."""
     from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
 
-    try:
-        return MlflowClient(uri).get_model_version_by_alias(model_name, "champion")
-    except MlflowException:
-        return None
+    from steps.register import CHAMPION, alias_version
+
+    return alias_version(MlflowClient(uri), model_name, CHAMPION)
