@@ -19,8 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 run: $(STAMP)  ## fine-tune the embedded default (or your params.yaml) end to end
 	$(BIN)/llmpipe run
 
-test: $(STAMP) chromium  ## unit, integration and e2e tiers
-	$(BIN)/python -m pytest -m "unit or integration or e2e" -v --durations=15
+# Lint first (seconds); then every tier in a random order (pytest-randomly prints the seed: rerun
+# one order with --randomly-seed=N, or keep file order with -p no:randomly). gpu tests run wherever
+# CUDA is present.
+test: $(STAMP) chromium lint  ## lint, then unit, integration, e2e (and gpu) tiers
+	$(BIN)/python -m pytest -m "unit or integration or e2e or gpu" -v --durations=15
 
 # The Prefect UI test drives Debian's chromium (playwright itself downloads nothing).
 chromium:
@@ -38,7 +41,7 @@ test-integration: $(STAMP)
 test-e2e: $(STAMP)
 	$(BIN)/python -m pytest -m e2e -v
 
-lint: $(STAMP)
+lint: $(STAMP)  ## ruff check + ruff format --check, one line length (pyproject.toml)
 	$(BIN)/ruff check steps flows tests benchmarks
 	$(BIN)/ruff format --check steps flows tests benchmarks
 

@@ -3,8 +3,8 @@
     python benchmarks/evaluate.py [--quick] [--model DIR] [--data DIR] [--texts N] [--max-length N]
                                   [--batch-size N] [--baseline-batch-size N] [--device cpu|cuda]
 
-Both sides score the same texts, each cut beforehand to its first `--max-length` tokens (so every text
-is one window and both sides predict exactly the same tokens, which is checked):
+Both sides score the same texts, each cut beforehand to its first `--max-length` tokens (so every
+text is one window and both sides predict exactly the same tokens, which is checked):
 - the baseline follows the algorithm of the Hub's `perplexity` metric, written here from its
   description: load the model and tokenizer inside the call, tokenize every text at once padded to
   the longest, then loop over the texts in input order (one per forward pass by default), float32,
@@ -17,9 +17,9 @@ is one window and both sides predict exactly the same tokens, which is checked):
 Texts: the held-out test split (`--data`/test, default data/prepared/test) when it exists, topped up
 with a fixed sample of CPython's `pydoc_data.topics` (the embedded corpus) to `--texts`.
 The model is `--model` (default models/base: `dvc repro base_model` or `make run` makes it).
-Prints texts, tokens, seconds and tokens/s per side, the speedup with and without the baseline's model
-load, the largest per-text perplexity difference, and ends with one JSON line. Exits non-zero only
-when it cannot measure (no model, or the two sides did not score the same tokens).
+Prints texts, tokens, seconds and tokens/s per side, the speedup with and without the baseline's
+model load, the largest per-text perplexity difference, and ends with one JSON line. Exits non-zero
+only when it cannot measure (no model, or the two sides did not score the same tokens).
 """
 
 from __future__ import annotations

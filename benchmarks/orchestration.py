@@ -7,26 +7,27 @@ runs the `finetune` flow against that server twice: a first run, then a fully ca
 baseline is the time spent inside the stages themselves (each stage's subprocess, register and
 smoke_serve included); llmpipe's cost is everything else in the flow's wall time.
 - overhead share = (flow wall time - time inside the stages) / flow wall time (goal <= 5%);
-- cached re-run wall time / first-run wall time (reported).
-Full: the embedded default (SmolLM2-135M, ~10 min on 2 CPU cores). --quick: a tiny random Llama and a
-few steps, so the fixed costs weigh much more than on a real run.
+- cached re-run wall time / first-run wall time (printed; no goal).
+Full: the embedded default (SmolLM2-135M, ~10 min on 2 CPU cores). --quick: a tiny random Llama and
+a few steps, so the fixed costs weigh much more than on a real run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.workloads import build_tiny_model, make_project, tiny_params  # noqa: E402
+from steps.environment import quiet_offline_env  # noqa: E402
+from steps.servers import LOOPBACK, free_port, stop_process_group, wait_http  # noqa: E402
+
 RUN_FLOW = """
 import json, sys, time
 from flows.finetune import finetune
@@ -35,12 +36,6 @@ summary = finetune(project_dir=sys.argv[1], overrides=sys.argv[2:])
 summary["flow_wall_seconds"] = time.perf_counter() - started
 print("SUMMARY " + json.dumps(summary))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(env: dict[str, str], port: int) -> subprocess.Popen:
@@ -56,14 +51,8 @@ def start_server(env: dict[str, str], port: int) -> subprocess.Popen:
     proc = subprocess.Popen(
         cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=5):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError("the Prefect server did not start within 180 s")
+    wait_http(f"http://{LOOPBACK}:{port}/api/health", proc, "prefect server", 180)
+    return proc
 
 
 def run_flow(project: Path, overrides: list[str], env: dict[str, str]) -> dict:
@@ -92,19 +81,13 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        sys.path.insert(0, str(REPO))
-        from tests.project import make_project, tiny_params
-        from tests.tiny import build_tiny_model
-
         edits = tiny_params(build_tiny_model(work / "tiny")) if args.quick else {}
         project = make_project(work / "project", edits)
         port = free_port()
         env = {
-            **os.environ,
-            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+            **quiet_offline_env(),
+            "PREFECT_API_URL": f"http://{LOOPBACK}:{port}/api",
             "PREFECT_HOME": str(work / "prefect-home"),
-            "DO_NOT_TRACK": "1",
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "HF_HUB_OFFLINE": "1",
             "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db",
         }
@@ -114,8 +97,7 @@ def main() -> int:
             first = run_flow(project, [], env)
             cached = run_flow(project, [], env)
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
+            stop_process_group(server, grace=30)
     for label, s in (("first run", first), ("cached re-run", cached)):
         wall, inner = s["flow_wall_seconds"], inside_stages(s)
         print(
@@ -124,6 +106,7 @@ def main() -> int:
         )
     overhead = (first["flow_wall_seconds"] - inside_stages(first)) / first["flow_wall_seconds"]
     rerun = cached["flow_wall_seconds"] / first["flow_wall_seconds"]
+    print(f"cached re-run / first run wall time: {rerun:.3f}x (no goal: printed, not checked)")
     print(
         json.dumps(
             {
@@ -133,11 +116,6 @@ def main() -> int:
                         "name": "overhead_share_of_first_run",
                         "ratio": round(overhead, 4),
                         "goal": "<=0.05",
-                    },
-                    {
-                        "name": "cached_rerun_wall_over_first_run",
-                        "ratio": round(rerun, 4),
-                        "goal": "reported",
                     },
                 ],
             }

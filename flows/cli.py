@@ -1,7 +1,12 @@
-"""The `llmpipe` command.
+"""The `llmpipe` command; each subcommand runs in the project directory (params.yaml, dvc.yaml).
 
-llmpipe run [-S section.key=value ...]   # the finetune flow on params.yaml (what `make run` does)
-llmpipe serve [--host H] [--port P]      # serve models:/llmpipe@champion with MLflow
+llmpipe run [-S section.key=value ...]        # the finetune flow (what `make run` does)
+llmpipe serve [--host H] [--port P]           # serve models:/llmpipe@champion with MLflow
+llmpipe perplexity --model M --input FILE     # score any model on any .txt/.jsonl file
+llmpipe sweep -S section.key=v1,v2 ...        # a grid of runs; only the best may be champion
+llmpipe deploy                                # the Prefect deployments, on PREFECT_API_URL
+llmpipe up                                    # Prefect server + UI, runner, MLflow UI
+llmpipe data add FILE [--remote DIR]          # validate, copy to data/raw, dvc add, dvc push
 """
 
 from __future__ import annotations
@@ -10,21 +15,12 @@ import argparse
 import os
 import sys
 import time
+from pathlib import Path
 
 from flows.report import stages_text
+from steps.environment import quiet_offline_env
 from steps.errors import USER_ERROR_EXIT, UserError
-
-
-def quiet_offline_defaults() -> None:
-    """The network is closed: no telemetry from Prefect, DVC or Hugging Face libraries."""
-    for key, value in {
-        "DO_NOT_TRACK": "1",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DVC_NO_ANALYTICS": "1",
-        "HF_HUB_DISABLE_TELEMETRY": "1",
-        "MLFLOW_ENABLE_TELEMETRY": "false",
-    }.items():
-        os.environ.setdefault(key, value)
+from steps.servers import LOOPBACK, MLFLOW_UI_PORT, PREFECT_PORT
 
 
 def format_summary(summary: dict, seconds: float) -> str:
@@ -43,7 +39,8 @@ def format_summary(summary: dict, seconds: float) -> str:
         f"(orchestration {seconds - inside:.0f} s = {(seconds - inside) / seconds:.1%}; "
         f"the rest inside the stages)",
         f"  stages      {stages}",
-        f"  perplexity  base {m['base_perplexity']:.3f} -> tuned {m['perplexity']:.3f} ({change:+.1%})"
+        f"  perplexity  base {m['base_perplexity']:.3f} -> tuned {m['perplexity']:.3f}"
+        f" ({change:+.1%})"
         f" on {m['documents']} held-out documents, {m['tokens']} tokens"
         f" (tuned 95% interval {m['perplexity_ci_low']:.3f}-{m['perplexity_ci_high']:.3f})",
         f"  general     reference-text perplexity {m['base_reference_perplexity']:.3f} -> "
@@ -66,17 +63,16 @@ def format_summary(summary: dict, seconds: float) -> str:
     lines += [
         "  next        mlflow ui --backend-store-uri " + uri + "   (runs, loss curve, versions)",
         "              dvc metrics show                 (metrics/eval.json, metrics/train.json)",
-        "              llmpipe serve                    (champion on http://127.0.0.1:5001)",
+        f"              llmpipe serve                    (champion on http://{LOOPBACK}:"
+        f"{summary.get('serve_port', '')})",
     ]
     return "\n".join(lines)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from flows.finetune import check_inputs, finetune
     from flows.lock import WorkspaceBusy
-    from flows.stages import UserInputError
+    from flows.runner import UserInputError
 
     started = time.monotonic()
     check_inputs(Path.cwd(), args.set or [], write=False)  # fail fast, before Prefect starts
@@ -103,22 +99,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     params = load_params()
     return serve_forever(
-        args.host or params.serve.host, args.port or params.serve.port, params.registry.model_name
+        Path.cwd(),
+        args.host or params.serve.host,
+        args.port or params.serve.port,
+        params.registry.model_name,
     )
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
-    from steps.evaluate import score_file
     from steps.params import EvaluateParams
+    from steps.perplexity import score_file
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # keep stdout/stderr to the result
     params = EvaluateParams(
         window=args.window, stride=args.stride or args.window, batch_size=args.batch_size
     )
-    result = score_file(args.model, Path(args.input), params, args.text_field)
+    result = score_file(args.model, Path(args.input), params, Path.cwd(), args.text_field)
     keys = [
         "model",
         "input",
@@ -151,8 +149,6 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 
 
 def cmd_data_add(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from flows.data import add_data
 
     added = add_data(Path(args.path), Path.cwd(), args.remote)
@@ -164,7 +160,7 @@ def cmd_data_add(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from flows.stages import UserInputError
+    from flows.runner import UserInputError
     from flows.sweep import expand_grid, sweep
 
     expand_grid(args.set or [])  # a malformed axis fails before Prefect starts
@@ -189,8 +185,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from flows.deploy import apply_deployments
     from steps.params import load_params
 
@@ -207,8 +201,6 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from flows.stack import up
     from steps.params import load_params
 
@@ -264,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = sub.add_parser("deploy", help="create the Prefect deployments (manual, scheduled)")
     deploy.set_defaults(func=cmd_deploy)
     stack = sub.add_parser("up", help="Prefect server + runner + MLflow UI on 127.0.0.1")
-    stack.add_argument("--prefect-port", type=int, default=4200)
-    stack.add_argument("--mlflow-port", type=int, default=5000)
+    stack.add_argument("--prefect-port", type=int, default=PREFECT_PORT)
+    stack.add_argument("--mlflow-port", type=int, default=MLFLOW_UI_PORT)
     stack.set_defaults(func=cmd_up)
     data = sub.add_parser("data", help="bring new data under DVC")
     data_sub = data.add_subparsers(dest="data_command", required=True)
@@ -277,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    quiet_offline_defaults()
+    os.environ.update(quiet_offline_env())
     args = build_parser().parse_args(argv)
     try:
         sys.exit(args.func(args))

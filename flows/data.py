@@ -10,15 +10,15 @@ it. Nothing is copied, tracked or edited when the file is rejected.
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import yaml
 
-from flows.stages import dvc_executable, stage_env
+from flows.runner import dvc_executable, stage_env
+from steps.environment import cache_dir
 from steps.errors import UserError
+from steps.outputs import copy_file
 from steps.params import apply_overrides, load_params
 from steps.prepare import read_documents
 
@@ -28,8 +28,7 @@ BINARY_SNIFF_BYTES = 8192  # a NUL byte in the first 8 KiB means "not a text fil
 
 def default_remote() -> Path:
     """Where `data add` pushes when no DVC remote is configured: a machine-wide local directory."""
-    cache = Path(os.environ.get("LLMPIPE_CACHE", Path.home() / ".cache" / "llmpipe"))
-    return cache / "dvc-remote"
+    return cache_dir() / "dvc-remote"
 
 
 def validate_text_file(path: Path, text_field: str) -> int:
@@ -78,10 +77,7 @@ def add_data(source: Path, project: Path, remote: str | None = None) -> dict:
     documents = validate_text_file(source, params.prepare.text_field)
     dest = project / RAW_DIR / source.name
     if source.resolve() != dest.resolve():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.copyfile(source, tmp)
-        tmp.replace(dest)
+        copy_file(source, dest)
     relative = str(dest.relative_to(project))
     dvc(project, "add", relative)
     md5 = yaml.safe_load((project / f"{relative}.dvc").read_text())["outs"][0]["md5"]

@@ -1,7 +1,7 @@
 """Deployments of the finetune flow, and the local stack that serves them.
 
     llmpipe deploy     # create/update the deployments on the Prefect server at PREFECT_API_URL
-    llmpipe up         # Prefect server + UI (:4200), a runner serving the deployments, MLflow UI (:5000)
+    llmpipe up         # Prefect server + UI (:4200), the deployments' runner, MLflow UI (:5000)
 
 Two deployments of `finetune`, both limited to one run at a time:
 - `manual`: what a person starts from the Prefect UI's Run button, with the flow's typed parameter

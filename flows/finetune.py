@@ -1,18 +1,18 @@
-"""The `finetune` flow: base_model -> prepare -> train -> evaluate -> register -> smoke_serve.
+"""The `finetune` flow: the stages of steps/stages.py in order, then register and smoke_serve.
 
     llmpipe run [-S section.key=value ...]      # or: python -m flows.finetune
 
-Each box is a Prefect task that runs one DVC stage in a subprocess, so DVC decides what is up to
-date (its cache is the pipeline's cache) and each task is retried on its own. register and
-smoke_serve change MLflow, not files, so they run steps modules directly. User errors (exit 2) fail
-at once; anything else is retried with back-off.
+corpus -> model_source -> base_model -> prepare -> train -> evaluate -> register -> smoke_serve.
+Each is a Prefect task that runs one stage of the table in a subprocess (flows/runner.py): the DVC
+stages through `dvc repro --single-item`, so DVC decides what is up to date (its cache is the
+pipeline's cache); register and smoke_serve, which change MLflow rather than files, as their own
+commands. Timeouts and retries come from the table. User errors fail at once; anything else is
+retried with back-off.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -22,27 +22,14 @@ from prefect.runtime import flow_run
 
 from flows.lock import workspace_lock
 from flows.report import report_markdown
-from flows.stages import UserInputError, run_dvc_stage, run_step_module
-from flows.tracking import (
-    champion_version,
-    close_run,
-    data_unchanged_since_champion,
-    open_run,
-    project_tracking_uri,
-    tag_data_lineage,
-)
-from steps.params import Params, apply_overrides
-from steps.paths import EMBEDDED_CORPUS, EVAL_METRICS
+from flows.runner import UserInputError, run_stage
+from flows.tracking import close_run, data_unchanged_since_champion, open_run, tag_stage_lineage
+from steps.params import EMBEDDED_CORPUS, Params, apply_overrides
 from steps.prepare import read_documents
+from steps.registry import champion_version
+from steps.stages import STAGE, Stage, dvc_stages
+from steps.tracking import EXPERIMENT, tracking_uri
 
-# Stage -> timeout in seconds. Training is the long one: a day covers GPU runs of real size.
-STAGE_TIMEOUTS = {
-    "corpus": 600,
-    "base_model": 3600,
-    "prepare": 3600,
-    "train": 86400,
-    "evaluate": 7200,
-}
 RETRY_DELAYS = [10, 60]  # seconds before the first and second retry
 
 
@@ -66,40 +53,26 @@ RETRY_POLICY = {
 }
 
 
-@task(retries=2, **RETRY_POLICY)
-def dvc_stage(stage: str, project: str, env: dict[str, str]) -> dict:
-    """Run one DVC stage; DVC skips it when nothing it depends on changed."""
+@task(**RETRY_POLICY)
+def stage_task(
+    name: str, project: str, env: dict[str, str], extra_args: tuple[str, ...] = ()
+) -> dict:
+    """Run one stage of the table; DVC skips a DVC stage when nothing it depends on changed."""
     logger = get_run_logger()
-    outcome = run_dvc_stage(stage, Path(project), env, logger.info)
-    logger.info(
-        "%s %s in %.1fs",
-        stage,
-        "unchanged (DVC cache)" if outcome.skipped else "ran",
-        outcome.seconds,
-    )
+    outcome = run_stage(STAGE[name], Path(project), env, logger.info, extra_args)
+    how = "unchanged (DVC cache)" if outcome.skipped else "ran"
+    logger.info("%s %s in %.1fs", name, how, outcome.seconds)
     return outcome.to_dict()
 
 
-@task(retries=2, timeout_seconds=3600, **RETRY_POLICY)
-def register(project: str, env: dict[str, str], promote: bool = True) -> dict:
-    """Log and register the tuned model; move `champion` only if it wins on the same test split."""
-    return _step_with_report("steps.register", [] if promote else ["--no-promote"], project, env)
-
-
-@task(retries=1, timeout_seconds=1200, **RETRY_POLICY)
-def smoke_serve(project: str, env: dict[str, str]) -> dict:
-    """Serve models:/<name>@champion with `mlflow models serve` and require one completion."""
-    return _step_with_report("steps.serve", ["--smoke"], project, env)
-
-
-def _step_with_report(module: str, args: list[str], project: str, env: dict[str, str]) -> dict:
-    logger = get_run_logger()
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.json"
-        seconds = run_step_module(
-            module, [*args, "--report", str(report)], Path(project), env, logger.info
-        )
-        return {**json.loads(report.read_text()), "seconds": seconds}
+def run_task(
+    stage: Stage, project: Path, env: dict[str, str], extra_args: tuple[str, ...] = ()
+) -> dict:
+    """`stage_task` with the stage's own name, timeout and retries from the table."""
+    configured = stage_task.with_options(
+        name=stage.name, timeout_seconds=stage.timeout_s, retries=stage.retries
+    )
+    return configured(stage.name, str(project), env, extra_args)
 
 
 def check_inputs(project: Path, overrides: list[str], write: bool = True) -> Params:
@@ -109,7 +82,7 @@ def check_inputs(project: Path, overrides: list[str], write: bool = True) -> Par
     """
     params = apply_overrides(project / "params.yaml", overrides, write=False)
     data = Path(params.prepare.data)
-    if data != EMBEDDED_CORPUS:  # the embedded corpus is made by the corpus stage
+    if params.prepare.data != EMBEDDED_CORPUS:  # the embedded corpus is made by the corpus stage
         read_documents(data if data.is_absolute() else project / data, params.prepare.text_field)
     reference = Path(params.evaluate.reference_data)
     read_documents(reference if reference.is_absolute() else project / reference)
@@ -131,7 +104,8 @@ def finetune(
     run_tags: dict[str, str] | None = None,
     workspace_timeout_s: int = 6 * 3600,
 ) -> dict:
-    """Fine-tune, evaluate, register and smoke-serve; params.yaml holds every other knob.
+    """Export the corpus, fine-tune, evaluate, register and smoke-serve; params.yaml holds every
+    other knob.
 
     Args:
         project_dir: directory holding params.yaml and dvc.yaml.
@@ -157,7 +131,7 @@ def finetune(
         "train.max_steps": max_steps,
     }
     edits = [f"{k}={v}" for k, v in named.items() if v is not None] + list(overrides or [])
-    uri = project_tracking_uri(project, os.environ.get("MLFLOW_TRACKING_URI"))
+    uri = tracking_uri(project)
     with workspace_lock(project, workspace_timeout_s, get_run_logger().info):
         if continue_from_champion:
             name = check_inputs(project, edits, write=False).registry.model_name
@@ -181,42 +155,50 @@ def run_pipeline(
     promote: bool = True,
     run_tags: dict[str, str] | None = None,
 ) -> dict:
-    """The stages, register, report and smoke-serve, inside one MLflow run."""
+    """The DVC stages, register, report and smoke-serve, inside one MLflow run."""
     run_id, experiment_id = open_run(
         uri, project, params, flow_run.get_name() or "finetune", run_tags or {}
     )
     env = {
         "MLFLOW_TRACKING_URI": uri,
         "MLFLOW_RUN_ID": run_id,
-        "MLFLOW_EXPERIMENT_NAME": "llmpipe",
+        "MLFLOW_EXPERIMENT_NAME": EXPERIMENT,
         "LLMPIPE_FLOW_RUN_ID": str(flow_run.get_id() or ""),
     }
     summary: dict = {
         "mlflow_run_id": run_id,
         "experiment_id": experiment_id,
         "tracking_uri": uri,
+        "serve_port": params.serve.port,
         "stages": [],
+        "lineage": {},
     }
     ok = False
     try:
-        for stage, timeout in STAGE_TIMEOUTS.items():
-            task_run = dvc_stage.with_options(name=stage, timeout_seconds=timeout)
-            summary["stages"].append(task_run(stage, str(project), env))
-            if stage == "prepare":
-                summary["lineage"] = tag_data_lineage(uri, run_id, project, params)
-        summary["metrics"] = json.loads((project / EVAL_METRICS).read_text())
-        summary["register"] = register(str(project), env, promote)
+        for stage in dvc_stages():
+            summary["stages"].append(run_task(stage, project, env))
+            if stage.lineage:
+                summary["lineage"] |= tag_stage_lineage(uri, run_id, project, params, stage)
+        metrics_file = project / STAGE["evaluate"].path("metrics")
+        summary["metrics"] = json.loads(metrics_file.read_text())
+        flags = () if promote else ("--no-promote",)
+        summary["register"] = task_facts(run_task(STAGE["register"], project, env, flags))
         create_markdown_artifact(
             report_markdown(summary, project),
             key="finetune-report",
             description="data, base vs tuned metrics, promotion decision, links",
         )
         if serve_check:
-            summary["serve"] = smoke_serve(str(project), env)
+            summary["serve"] = task_facts(run_task(STAGE["smoke_serve"], project, env))
         ok = True
     finally:
         close_run(uri, run_id, ok)
     return summary
+
+
+def task_facts(outcome: dict) -> dict:
+    """A task's facts (its report), with the seconds it took."""
+    return {**outcome["facts"], "seconds": outcome["seconds"]}
 
 
 if __name__ == "__main__":

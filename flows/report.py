@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from steps.paths import PREPARED_DIR
+from steps.servers import LOOPBACK, MLFLOW_UI_PORT
+from steps.stages import STAGE
 
 
 def stages_text(stages: list[dict]) -> str:
@@ -17,7 +18,8 @@ def stages_text(stages: list[dict]) -> str:
 
 def report_markdown(summary: dict, project: Path) -> str:
     m, reg = summary["metrics"], summary["register"]
-    stats = json.loads((project / PREPARED_DIR / "stats.json").read_text())
+    stats = json.loads((project / STAGE["prepare"].path("out") / "stats.json").read_text())
+    ui = f"http://{LOOPBACK}:{MLFLOW_UI_PORT}"
     lineage = summary.get("lineage", {})
     lines = [
         "# llmpipe finetune run",
@@ -41,14 +43,15 @@ def report_markdown(summary: dict, project: Path) -> str:
         "",
         "## Promotion",
         f"**{'promoted to champion' if reg['promote'] else 'not promoted'}** "
-        f"({reg['model_name']} version {reg['version']}, aliases: {', '.join(reg['aliases']) or 'none'})",
+        f"({reg['model_name']} version {reg['version']}, "
+        f"aliases: {', '.join(reg['aliases']) or 'none'})",
         *[f"- {reason}" for reason in reg["reasons"]],
         "",
         "## Links",
         f"- MLflow run `{summary['mlflow_run_id']}` in experiment `llmpipe` "
         f"(`mlflow ui --backend-store-uri {summary['tracking_uri']}`, then "
-        f"http://127.0.0.1:5000/#/experiments/{summary.get('experiment_id', '')}"
+        f"{ui}/#/experiments/{summary.get('experiment_id', '')}"
         f"/runs/{summary['mlflow_run_id']})",
-        f"- model version: http://127.0.0.1:5000/#/models/{reg['model_name']}/versions/{reg['version']}",
+        f"- model version: {ui}/#/models/{reg['model_name']}/versions/{reg['version']}",
     ]
     return "\n".join(lines)

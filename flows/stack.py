@@ -1,6 +1,6 @@
 """`llmpipe up`: the whole local stack on 127.0.0.1, stopped together by Ctrl-C.
 
-    llmpipe up [--prefect-port 4200] [--mlflow-port 5000]
+    llmpipe up [--prefect-port 4200] [--mlflow-port 5000]      # defaults: steps/servers.py
 
 1. a Prefect server with its UI (the UI is told its API's URL, so a non-default port works);
 2. a runner (`python -m flows.deploy`) that registers the deployments and executes their runs;
@@ -9,46 +9,27 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from steps.environment import quiet_offline_env
+from steps.servers import LOOPBACK as HOST
+from steps.servers import MLFLOW_UI_PORT, PREFECT_PORT, stop_process_group, wait_http
 from steps.tracking import tracking_uri
 
-HOST = "127.0.0.1"
 
-
-def wait_http(url: str, proc: subprocess.Popen, name: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode} before answering {url}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                if resp.status < 500:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{name} did not answer {url} within {timeout:.0f}s")
-
-
-def stack_env(prefect_port: int) -> dict[str, str]:
+def stack_env(project: Path, prefect_port: int) -> dict[str, str]:
     api = f"http://{HOST}:{prefect_port}/api"
     return {
-        **os.environ,
+        **quiet_offline_env(),
         "PREFECT_API_URL": api,
         "PREFECT_UI_API_URL": api,  # the browser calls this URL; it must match the port
         "PREFECT_SERVER_API_HOST": HOST,
         "PREFECT_SERVER_API_PORT": str(prefect_port),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "DO_NOT_TRACK": "1",
-        "MLFLOW_TRACKING_URI": tracking_uri(),
+        "MLFLOW_TRACKING_URI": tracking_uri(project),
     }
 
 
@@ -56,19 +37,8 @@ def start(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
 
 
-def stop_all(procs: list[subprocess.Popen]) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-    for proc in procs:
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def up(project: Path, prefect_port: int = 4200, mlflow_port: int = 5000) -> int:
-    env = stack_env(prefect_port)
+def up(project: Path, prefect_port: int = PREFECT_PORT, mlflow_port: int = MLFLOW_UI_PORT) -> int:
+    env = stack_env(project, prefect_port)
     bin_dir = Path(sys.executable).parent
     procs: list[subprocess.Popen] = []
     # SIGTERM (a service manager, `timeout`) must stop the children too: make it unwind like Ctrl-C.
@@ -126,4 +96,5 @@ def up(project: Path, prefect_port: int = 4200, mlflow_port: int = 5000) -> int:
         print("\nstopping llmpipe ...", flush=True)
         return 0
     finally:
-        stop_all(procs)
+        for proc in procs:
+            stop_process_group(proc, grace=20)

@@ -22,7 +22,8 @@ from steps.params import parse_override
 
 
 def expand_grid(axes: list[str]) -> list[list[str]]:
-    """['train.learning_rate=1e-4,3e-4', 'train.max_steps=20'] -> one override list per combination."""
+    """['train.learning_rate=1e-4,3e-4', 'train.max_steps=20']
+    -> one override list per combination."""
     keys, values = [], []
     for axis in axes:
         (section, key), _ = parse_override(axis)  # checks the key's shape

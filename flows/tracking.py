@@ -1,20 +1,15 @@
-"""One MLflow run per flow run: opened before the first stage, closed with the flow's outcome."""
+"""One MLflow run per flow run: opened before the first stage, tagged as stages finish, closed with
+the flow's outcome; and the check that scheduled retraining uses to skip unchanged data."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from steps.lineage import dvc_lock_hash, file_md5, git_sha
+from steps.lineage import file_md5, git_sha, stage_lineage
 from steps.params import Params
-from steps.paths import BASE_MODEL_DIR
-from steps.tracking import DEFAULT_TRACKING_URI, EXPERIMENT
-
-
-def project_tracking_uri(project: Path, configured: str | None) -> str:
-    """MLFLOW_TRACKING_URI if set, else the project's sqlite file by absolute path."""
-    if configured:
-        return configured
-    return DEFAULT_TRACKING_URI.replace("sqlite:///", f"sqlite:///{project}/")
+from steps.registry import champion_version
+from steps.stages import Stage
+from steps.tracking import EXPERIMENT
 
 
 def flat_params(params: Params) -> dict[str, str]:
@@ -54,15 +49,13 @@ def open_run(
     return run.info.run_id, experiment_id
 
 
-def tag_data_lineage(uri: str, run_id: str, project: Path, params: Params) -> dict[str, str]:
-    """Once prepare has run, DVC's lock holds the hashes of the data and of the base model."""
+def tag_stage_lineage(
+    uri: str, run_id: str, project: Path, params: Params, stage: Stage
+) -> dict[str, str]:
+    """Once `stage` has run, dvc.lock holds the hashes it declares as lineage (data, models)."""
     from mlflow import MlflowClient
 
-    lock = project / "dvc.lock"
-    tags = {
-        "data_hash": dvc_lock_hash("prepare", params.prepare.data, "deps", lock),
-        "base_model_hash": dvc_lock_hash("base_model", str(BASE_MODEL_DIR), "outs", lock),
-    }
+    tags = stage_lineage(project, params.model_dump(by_alias=True), [stage])
     client = MlflowClient(uri)
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
@@ -91,12 +84,3 @@ def data_unchanged_since_champion(uri: str, project: Path, params: Params) -> st
         f"no new data: {params.prepare.data} (md5 {current}) is what champion version "
         f"{champion.version} was trained on; nothing to retrain"
     )
-
-
-def champion_version(uri: str, model_name: str):
-    """The registered version behind alias `champion`, or None."""
-    from mlflow import MlflowClient
-
-    from steps.register import CHAMPION, alias_version
-
-    return alias_version(MlflowClient(uri), model_name, CHAMPION)

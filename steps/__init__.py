@@ -1,1 +1,1 @@
-"""Pipeline stages: plain Python, each runnable as `python -m steps.<name>` (the cmd of its DVC stage)."""
+"""Pipeline stages: plain Python, each runnable as `python -m steps.<name>`, its DVC stage's cmd."""

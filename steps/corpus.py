@@ -1,9 +1,10 @@
 """Export the embedded corpus, CPython's reference manual, to JSONL.
 
-    python -m steps.corpus            # writes data/raw/pydoc_topics.jsonl (the DVC stage `corpus`)
+    python -m steps.corpus --out data/raw/pydoc_topics.jsonl      # the DVC stage `corpus`
 
-`pydoc_data.topics` ships with every CPython: 79 topics of the language reference (~113k SmolLM2 tokens),
-so the default pipeline needs no download. A user's own file replaces it via `prepare.data`.
+`pydoc_data.topics` ships with every CPython: 79 topics of the language reference (~113k SmolLM2
+tokens), so the default pipeline needs no download.
+A user's own file replaces it via `prepare.data`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from steps.errors import run_main
-from steps.paths import EMBEDDED_CORPUS
+from steps.arguments import stage_arguments
+from steps.outcome import run_main
+from steps.outputs import write_text
 
 
 def reference_manual_documents() -> list[dict[str, str]]:
@@ -23,18 +25,18 @@ def reference_manual_documents() -> list[dict[str, str]]:
 
 
 def write_jsonl(docs: list[dict[str, str]], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for doc in docs:
-            f.write(json.dumps(doc, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_text(path, "".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs))
 
 
-def main() -> None:
+def run(out: Path) -> dict:
     docs = reference_manual_documents()
-    write_jsonl(docs, EMBEDDED_CORPUS)
-    print(f"corpus: {len(docs)} documents -> {EMBEDDED_CORPUS}")
+    write_jsonl(docs, out)
+    print(f"corpus: {len(docs)} documents -> {out}")
+    return {"documents": len(docs)}
+
+
+def main() -> dict:
+    return run(stage_arguments().out)
 
 
 if __name__ == "__main__":

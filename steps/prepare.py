@@ -1,11 +1,13 @@
 """Read the corpus, split it by document hash, tokenize and pack into fixed-length blocks.
 
-    python -m steps.prepare           # writes data/prepared (the DVC stage `prepare`)
+    python -m steps.prepare --params params.yaml --data data/raw/pydoc_topics.jsonl \
+        --base-model models/base --out data/prepared                 # the DVC stage `prepare`
 
-Input (`prepare.data`): a `.jsonl` file with one JSON object per line holding the text under
-`prepare.text_field`, or a `.txt` file whose documents are separated by blank lines.
-Output: `train` and `validation` datasets of `input_ids` blocks of `prepare.block_size` tokens, with an
-EOS token after every document; a `test` dataset of whole held-out documents (`text`), scored by
+Input (`--data`, which dvc.yaml fills in from `prepare.data`): a `.jsonl` file with one JSON object
+per line holding the text under `prepare.text_field`, or a `.txt` file whose documents are separated
+by blank lines.
+Output: `train` and `validation` datasets of `input_ids` blocks of `prepare.block_size` tokens, with
+an EOS token after every document; a `test` dataset of whole held-out documents (`text`), scored by
 steps.evaluate with a sliding window; `stats.json` with counts and the test split's hash.
 """
 
@@ -16,16 +18,17 @@ import json
 import re
 from pathlib import Path
 
-from steps.errors import UserError, run_main
+from steps.arguments import stage_arguments
+from steps.errors import UserError
+from steps.outcome import run_main
 from steps.outputs import atomic_dir, write_json
 from steps.params import PrepareParams, load_params
-from steps.paths import BASE_MODEL_DIR, PREPARED_DIR
 
 SPLITS = ("train", "validation", "test")
 
 
 def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
-    """Documents of a .jsonl or .txt file; blank documents are dropped. Errors name file and line."""
+    """Documents of a .jsonl or .txt file; blank ones are dropped. Errors name file and line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: data file not found; set prepare.data to a .jsonl or .txt file")
@@ -75,14 +78,14 @@ def split_of(text: str, test_fraction: float, validation_fraction: float) -> str
     return "train"
 
 
-def split_documents(docs: list[str], params: PrepareParams) -> dict[str, list[str]]:
+def split_documents(docs: list[str], params: PrepareParams, source: Path) -> dict[str, list[str]]:
     splits: dict[str, list[str]] = {name: [] for name in SPLITS}
     for doc in docs:
         splits[split_of(doc, params.test_fraction, params.validation_fraction)].append(doc)
     for name in ("train", "test"):
         if not splits[name]:
             raise UserError(
-                f"{params.data}: the {name} split is empty ({len(docs)} documents); add documents "
+                f"{source}: the {name} split is empty ({len(docs)} documents); add documents "
                 f"or change prepare.test_fraction ({params.test_fraction})"
             )
     return splits
@@ -103,11 +106,12 @@ def heldout_hash(texts: list[str]) -> str:
     return h.hexdigest()
 
 
-def prepare(params: PrepareParams, tokenizer, out_dir: Path) -> dict:
+def prepare(params: PrepareParams, data: Path, tokenizer, out_dir: Path) -> dict:
+    """Split the documents of `data`, tokenize and pack them; write the splits to `out_dir`."""
     from datasets import Dataset
 
-    splits = split_documents(read_documents(params.data, params.text_field), params)
-    stats: dict = {"data": params.data, "block_size": params.block_size}
+    splits = split_documents(read_documents(data, params.text_field), params, data)
+    stats: dict = {"data": str(data), "block_size": params.block_size}
     with atomic_dir(out_dir) as tmp:
         for name in ("train", "validation"):
             ids = (
@@ -118,7 +122,7 @@ def prepare(params: PrepareParams, tokenizer, out_dir: Path) -> dict:
             blocks = pack_sequences(ids, tokenizer.eos_token_id, params.block_size)
             if name == "train" and not blocks:
                 raise UserError(
-                    f"{params.data}: the train split has fewer tokens than one block "
+                    f"{data}: the train split has fewer tokens than one block "
                     f"(prepare.block_size={params.block_size}); add text or lower block_size"
                 )
             # num_shards=1: an empty split saved with 0 shards cannot be loaded back
@@ -136,17 +140,21 @@ def prepare(params: PrepareParams, tokenizer, out_dir: Path) -> dict:
     return stats
 
 
-def main() -> None:
-    params = load_params().prepare
+def run(params: PrepareParams, data: Path, base_model: Path, out: Path) -> dict:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(BASE_MODEL_DIR)
-    stats = prepare(params, tokenizer, PREPARED_DIR)
+    stats = prepare(params, data, AutoTokenizer.from_pretrained(base_model), out)
     print(
-        f"prepare: {params.data}: train {stats['train']['documents']} docs / "
+        f"prepare: {data}: train {stats['train']['documents']} docs / "
         f"{stats['train']['blocks']} blocks of {params.block_size}, validation "
-        f"{stats['validation']['documents']} docs, test {stats['test']['documents']} docs -> {PREPARED_DIR}"
+        f"{stats['validation']['documents']} docs, test {stats['test']['documents']} docs -> {out}"
     )
+    return stats
+
+
+def main() -> dict:
+    args = stage_arguments()
+    return run(load_params(args.params).prepare, args.data, args.base_model, args.out)
 
 
 if __name__ == "__main__":

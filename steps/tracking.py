@@ -1,7 +1,7 @@
-"""MLflow logging from inside a stage: into the flow's run when MLFLOW_RUN_ID is set, else nowhere.
+"""Where MLflow lives, and logging from inside a stage into the flow's run.
 
-`dvc repro` on its own therefore never touches the tracking server; `llmpipe run` opens one MLflow run
-per flow run and hands its id to every stage through the environment.
+A stage logs into the flow's MLflow run only when the flow handed it the run's id and tracking URI
+(MLFLOW_RUN_ID, MLFLOW_TRACKING_URI), so `dvc repro` on its own never touches the tracking server.
 """
 
 from __future__ import annotations
@@ -9,42 +9,43 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 EXPERIMENT = "llmpipe"
+TRACKING_DB = "mlflow.db"  # at the project root; MLflow refuses the ./mlruns file store
 
 
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+def tracking_uri(project: Path) -> str:
+    """MLFLOW_TRACKING_URI if set, else the project's sqlite file by absolute path."""
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{Path(project).resolve() / TRACKING_DB}"
+    )
 
 
-def flow_run_id() -> str | None:
-    return os.environ.get("MLFLOW_RUN_ID") or None
+def flow_run() -> tuple[str, str] | None:
+    """(tracking URI, run id) of the flow's MLflow run when this process runs inside a flow."""
+    run_id, uri = os.environ.get("MLFLOW_RUN_ID"), os.environ.get("MLFLOW_TRACKING_URI")
+    return (uri, run_id) if run_id and uri else None
 
 
 def log_to_flow_run(
     metrics: dict[str, float] | None = None,
     params: dict[str, str] | None = None,
     artifacts: list[Path] | None = None,
+    table: tuple[dict[str, list], str] | None = None,
 ) -> None:
-    run_id = flow_run_id()
-    if run_id is None:
+    """Metrics, params, files and one table (column -> values, artifact name) into the flow run."""
+    run = flow_run()
+    if run is None:
         return
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri())
+    uri, run_id = run
+    client = MlflowClient(uri)
     for key, value in (metrics or {}).items():
         client.log_metric(run_id, key, float(value))
     for key, value in (params or {}).items():
         client.log_param(run_id, key, value)
     for path in artifacts or []:
         client.log_artifact(run_id, str(path))
-
-
-def log_table_to_flow_run(data: dict[str, list], artifact_file: str) -> None:
-    """A table (column -> values) in the flow's run, shown side by side in MLflow's UI."""
-    run_id = flow_run_id()
-    if run_id is None:
-        return
-    from mlflow import MlflowClient
-
-    MlflowClient(tracking_uri()).log_table(run_id, data=data, artifact_file=artifact_file)
+    if table is not None:
+        client.log_table(run_id, data=table[0], artifact_file=table[1])

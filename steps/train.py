@@ -1,12 +1,15 @@
 """Full fine-tuning of the base model on the packed training blocks, with the transformers Trainer.
 
-    python -m steps.train             # reads models/base + data/prepared, writes models/tuned
+    python -m steps.train --params params.yaml --base-model models/base --prepared data/prepared \
+        --checkpoints checkpoints --out models/tuned --metrics metrics/train.json \
+        --loss-curve metrics/train_loss.csv                          # the DVC stage `train`
 
-fp32 on CPU; bf16 mixed precision on a CUDA device that supports it (`train.precision: auto`).
-Several visible GPUs are used by the Trainer as well (launch with `torchrun` for DDP).
-Checkpoints go to checkpoints/train-<fingerprint>/, outside DVC's outs (DVC deletes outs before a stage
-runs), so a retried or interrupted run with the same inputs resumes from the last one; they are deleted
-once the model is saved. With MLFLOW_RUN_ID set (the flow sets it) the loss curve is logged to that run.
+One process: fp32 on CPU; bf16 mixed precision on a CUDA device that supports it (`train.precision:
+auto`). With several visible GPUs the Trainer wraps the model in DataParallel; nothing launches
+`torchrun` (DDP) yet. Checkpoints go to <checkpoints>/train-<fingerprint>/, outside DVC's outs (DVC
+deletes outs before a stage runs), so a retried or interrupted run with the same inputs resumes from
+the last one; they are deleted once the model is saved. Inside a flow (MLFLOW_RUN_ID set) the loss
+curve is logged to the flow's MLflow run by the Trainer's own MLflow callback.
 """
 
 from __future__ import annotations
@@ -21,17 +24,11 @@ from pathlib import Path
 
 import torch
 
-from steps.errors import UserError, run_main
-from steps.outputs import atomic_dir, write_json
+from steps.arguments import stage_arguments
+from steps.errors import UserError
+from steps.outcome import run_main
+from steps.outputs import atomic_dir, atomic_file, write_json
 from steps.params import TrainParams, load_params
-from steps.paths import (
-    BASE_MODEL_DIR,
-    CHECKPOINTS_DIR,
-    LOSS_CURVE,
-    PREPARED_DIR,
-    TRAIN_METRICS,
-    TUNED_MODEL_DIR,
-)
 
 
 def use_bf16(precision: str) -> bool:
@@ -83,7 +80,16 @@ def training_arguments(params: TrainParams, output_dir: Path):
     )
 
 
-def train(params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path) -> dict:
+def train(
+    params: TrainParams,
+    base_dir: Path,
+    data_dir: Path,
+    out_dir: Path,
+    metrics_file: Path,
+    loss_curve: Path,
+    checkpoints: Path,
+) -> dict:
+    """Fine-tune `base_dir` on `data_dir`; write the model, its metrics and its loss curve."""
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
     from transformers.trainer_utils import get_last_checkpoint
@@ -96,7 +102,7 @@ def train(params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path) ->
     validation = load_from_disk(str(data_dir / "validation"))
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True)
-    ckpt_dir = CHECKPOINTS_DIR / f"train-{run_fingerprint(params, data_dir, base_dir)}"
+    ckpt_dir = checkpoints / f"train-{run_fingerprint(params, data_dir, base_dir)}"
     resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
     if resume:
         print(f"train: resuming from {resume}")
@@ -123,15 +129,14 @@ def train(params: TrainParams, base_dir: Path, data_dir: Path, out_dir: Path) ->
     with atomic_dir(out_dir) as tmp:
         trainer.save_model(str(tmp))
         tokenizer.save_pretrained(tmp)
-    write_loss_curve(trainer.state.log_history, LOSS_CURVE)
-    write_json(TRAIN_METRICS, metrics)
+    write_loss_curve(trainer.state.log_history, loss_curve)
+    write_json(metrics_file, metrics)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return metrics
 
 
 def write_loss_curve(history: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["step", "loss", "learning_rate"])
         for row in history:
@@ -139,11 +144,20 @@ def write_loss_curve(history: list[dict], path: Path) -> None:
                 w.writerow([row["step"], row["loss"], row.get("learning_rate", "")])
 
 
-def main() -> None:
-    params = load_params().train
+def main() -> dict:
+    args = stage_arguments()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    metrics = train(params, BASE_MODEL_DIR, PREPARED_DIR, TUNED_MODEL_DIR)
+    metrics = train(
+        load_params(args.params).train,
+        args.base_model,
+        args.prepared,
+        args.out,
+        args.metrics,
+        args.loss_curve,
+        args.checkpoints,
+    )
     print("train: " + json.dumps(metrics))
+    return metrics
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.pop("MLFLOW_RUN_ID", None)
-
-from tests.project import REPO, make_project  # noqa: F401  (re-exported for the tests)
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # each test project uses its own mlflow.db
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from tests.tiny import build_tiny_model
+    from benchmarks.workloads import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -40,3 +39,15 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=180):
         yield
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_tracking_uri():
+    """mlflow.set_tracking_uri() also exports MLFLOW_TRACKING_URI to child processes: undo it after
+    each test, so one test's registry never becomes the next test's default."""
+    yield
+    import sys
+
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)

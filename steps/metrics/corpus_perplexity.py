@@ -4,16 +4,16 @@
     metric.compute(predictions=texts, model=model_or_dir, tokenizer=None, window=512, stride=512)
 
 Why not the Hub's `perplexity`: it cannot load offline, it reloads the model on every call, and it
-averages per-text perplexities, which over-weights short texts. Here the headline number is the corpus
-perplexity exp(sum of token NLLs / number of predicted tokens); the per-text mean is returned too, for
-comparison with the Hub's definition.
+averages per-text perplexities, which over-weights short texts. Here the headline number is the
+corpus perplexity exp(sum of token NLLs / number of predicted tokens); the per-text mean is returned
+too, for comparison with the Hub's definition.
 
-Scoring: each text is tokenized without special tokens (the same for every model); its first token is
-context only, every later token is predicted exactly once. Texts longer than `window` are scored with
-a sliding window that advances by `stride`, so each predicted token sees up to (window - stride)
-tokens of earlier context. Windows of all texts are sorted by length and batched under a token budget
-(batch_size x window), so short windows share a batch and are never padded to a long one's length;
-NLLs are accumulated in float64.
+Scoring: each text is tokenized without special tokens (the same for every model); its first token
+is context only, every later token is predicted exactly once. Texts longer than `window` are scored
+with a sliding window that advances by `stride`, so each predicted token sees up to
+(window - stride) tokens of earlier context. Windows of all texts are sorted by length and batched
+under a token budget (batch_size x window), so short windows share a batch and are never padded to
+a long one's length; NLLs are accumulated in float64.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ Returns: perplexity, ci_low, ci_high (95% bootstrap over texts), mean_perplexity
 
 
 def plan_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first_target) per window; targets [first_target, end) tile 1..n-1 exactly once."""
+    """(begin, end, first_target) per window; targets [first_target, end) tile 1..n-1 exactly."""
     if not 1 <= stride <= window:
         raise ValueError(f"stride must be between 1 and window ({window}), got {stride}")
     spans, prev_end, begin = [], 1, 0

@@ -1,5 +1,6 @@
-"""The embedded default, for real: SmolLM2-135M-Instruct (GGUF -> safetensors) on CPython's reference
-manual, a few training steps through the whole flow, then the held-out perplexity must drop."""
+"""The embedded default, for real: SmolLM2-135M-Instruct (GGUF -> safetensors) on CPython's
+reference manual, a few training steps through the whole flow, then the held-out perplexity
+must drop."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import make_project
+from benchmarks.workloads import make_project
 
 pytestmark = pytest.mark.e2e
 

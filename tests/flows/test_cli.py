@@ -1,10 +1,10 @@
-"""The end-of-run summary a user reads, and the CLI's argument handling."""
+"""The end-of-run summary a user reads."""
 
 from __future__ import annotations
 
 import pytest
 
-from flows.cli import build_parser, format_summary
+from flows.cli import format_summary
 
 pytestmark = pytest.mark.unit
 
@@ -13,13 +13,15 @@ SUMMARY = {
                {"name": "train", "skipped": False, "seconds": 400.0}],
     "metrics": {"perplexity": 9.6, "base_perplexity": 13.7, "documents": 8, "tokens": 10650,
                 "perplexity_ci_low": 8.0, "perplexity_ci_high": 9.9,
-                "base_reference_perplexity": 22.7, "reference_perplexity": 25.6, "forgetting": 0.129},
+                "base_reference_perplexity": 22.7, "reference_perplexity": 25.6,
+                "forgetting": 0.129},
     "register": {"model_name": "llmpipe", "version": "3", "new_version": False,
                  "aliases": ["challenger", "champion"], "promote": False,
                  "reasons": ["version 3 is already the champion"], "seconds": 20.0},
     "serve": {"model_uri": "models:/llmpipe@champion", "prompt": "p", "completion": " done ",
               "seconds": 10.0},
     "tracking_uri": "sqlite:///mlflow.db",
+    "serve_port": 5123,
 }  # fmt: skip
 
 
@@ -31,16 +33,8 @@ def test_summary_reports_orchestration_share_perplexity_and_registry():
     assert "version 3 (already registered; nothing new)" in text
     assert "not promoted: version 3 is already the champion" in text
     assert "'p' -> 'done'" in text
+    assert "champion on http://127.0.0.1:5123" in text  # serve.port, not a hard-coded port
 
 
 def test_skipped_run_summary_is_one_line():
     assert format_summary({"skipped": "no new data: x"}, 1.0) == "llmpipe run: no new data: x"
-
-
-def test_run_accepts_repeated_overrides():
-    args = build_parser().parse_args(
-        ["run", "-S", "train.max_steps=5", "-S", "prepare.block_size=64"]
-    )
-    assert args.set == ["train.max_steps=5", "prepare.block_size=64"]
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["sweep"])  # a sweep needs at least one axis

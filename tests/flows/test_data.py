@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_project
+from benchmarks.workloads import make_project
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,8 @@
-"""The whole flow on the tiny model: real Prefect (test server), real DVC, MLflow on sqlite, real HTTP.
+"""Whole flow on the tiny model: real Prefect (test server), real DVC, MLflow on sqlite, real HTTP.
 
-The tests in this module share one project and run in order: first run, cached re-run, `dvc repro`
-without Prefect, then user errors that must leave everything untouched.
+One first run makes a golden project that the read-only tests inspect; every test that changes a
+project (a re-run, a param edit, new data, a user error) gets its own copy of it, so the tests run
+alone or in any order.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,18 +18,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import make_project
+from benchmarks.workloads import make_project
+from steps.stages import STAGE, command, dvc_stages, interpolate
 
 pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
+DVC_ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("project")
-    make_project(
-        root,
+def golden(tmp_path_factory, tiny_model_dir, prefect_server) -> tuple[Path, dict]:
+    """A project after one full run (stages, register, smoke-serve): (directory, summary)."""
+    from flows.finetune import finetune
+
+    root = make_project(
+        tmp_path_factory.mktemp("golden") / "project",
         {
             "base_model": {"source": str(tiny_model_dir)},
             "prepare": {"block_size": 32},
@@ -35,26 +41,29 @@ def project(tmp_path_factory, tiny_model_dir):
             "evaluate": {"window": 64, "stride": 32, "batch_size": 8},
         },
     )
-    return root
+    return root, finetune(project_dir=str(root))
 
 
-@pytest.fixture(scope="module")
-def mlflow_uri(project):
-    uri = f"sqlite:///{project}/mlflow.db"
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    yield uri
-    if old is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = old
+@pytest.fixture
+def project(golden, tmp_path) -> Path:
+    """A private copy of the golden project (git, DVC cache, mlflow.db) for a test to change."""
+    return Path(shutil.copytree(golden[0], tmp_path / "project", symlinks=True))
 
 
-@pytest.fixture(scope="module")
-def first_run(project, mlflow_uri, prefect_server):
-    from flows.finetune import finetune
+@pytest.fixture
+def first_run(golden) -> dict:
+    return golden[1]
 
-    return finetune(project_dir=str(project))
+
+def uri_of(project: Path) -> str:
+    return f"sqlite:///{project}/mlflow.db"
+
+
+def dvc_changed(project: Path) -> set[str]:
+    """Stages that `dvc status` reports as changed (always-changed ones included)."""
+    done = subprocess.run([BIN / "dvc", "status", "--json"], cwd=project, env=DVC_ENV,
+                          text=True, capture_output=True, check=True)  # fmt: skip
+    return set(json.loads(done.stdout))
 
 
 def registry_state(uri: str) -> dict:
@@ -73,16 +82,12 @@ def lock_md5(project: Path, stage: str, path: str, section: str) -> str:
     return next(e["md5"] for e in lock["stages"][stage][section] if e["path"] == path)
 
 
-def test_first_run_trains_registers_promotes_and_serves(first_run, project, mlflow_uri):
+def test_first_run_trains_registers_promotes_and_serves(golden):
     from mlflow import MlflowClient
 
-    assert [s["name"] for s in first_run["stages"]] == [
-        "corpus",
-        "base_model",
-        "prepare",
-        "train",
-        "evaluate",
-    ]
+    project, first_run = golden
+    mlflow_uri = uri_of(project)
+    assert [s["name"] for s in first_run["stages"]] == [s.name for s in dvc_stages()]
     assert not any(s["skipped"] for s in first_run["stages"])
     metrics = json.loads((project / "metrics" / "eval.json").read_text())
     assert metrics["perplexity"] < metrics["base_perplexity"]
@@ -119,25 +124,23 @@ def test_first_run_trains_registers_promotes_and_serves(first_run, project, mlfl
     assert not (project / "checkpoints").exists() or not any((project / "checkpoints").iterdir())
 
 
-def test_second_run_is_cached_and_registers_nothing(first_run, project, mlflow_uri):
+def test_second_run_is_cached_and_registers_nothing(project, prefect_server):
     from flows.finetune import finetune
 
+    mlflow_uri = uri_of(project)
     lock_before = (project / "dvc.lock").read_text()
     again = finetune(project_dir=str(project), serve_check=False)
-    assert all(s["skipped"] for s in again["stages"]), again["stages"]
+    ran = [s["name"] for s in again["stages"] if not s["skipped"]]
+    assert ran == ["model_source"], again["stages"]  # it fingerprints the source on every run
     assert again["register"]["new_version"] is False
     assert again["register"]["version"] == "1"
     assert registry_state(mlflow_uri) == {"1": ["challenger", "champion"]}
     assert (project / "dvc.lock").read_text() == lock_before
 
 
-def test_dvc_repro_alone_reruns_only_what_a_param_change_touches(first_run, project):
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    env.pop("MLFLOW_RUN_ID", None)
-    status = subprocess.run(
-        [BIN / "dvc", "status"], cwd=project, env=env, text=True, capture_output=True, check=True
-    )
-    assert "up to date" in status.stdout
+def test_dvc_repro_alone_reruns_only_what_a_param_change_touches(project):
+    env = DVC_ENV
+    assert dvc_changed(project) == {"model_source"}  # always changed; nothing else
     params = (project / "params.yaml").read_text()
     (project / "params.yaml").write_text(params.replace("max_steps: 8", "max_steps: 10"))
     out = subprocess.run(
@@ -145,7 +148,7 @@ def test_dvc_repro_alone_reruns_only_what_a_param_change_touches(first_run, proj
     )
     assert out.returncode == 0, out.stderr[-2000:]
     ran = set(re.findall(r"Running stage '(\w+)'", out.stdout))
-    assert ran == {"train", "evaluate"}, out.stdout[-2000:]
+    assert ran == {"model_source", "train", "evaluate"}, out.stdout[-2000:]
     assert json.loads((project / "metrics/train.json").read_text())["steps"] == 10
     (project / "params.yaml").write_text(params)
     restore = subprocess.run(
@@ -154,7 +157,36 @@ def test_dvc_repro_alone_reruns_only_what_a_param_change_touches(first_run, proj
     assert restore.returncode == 0, restore.stderr[-2000:]
 
 
-def _llmpipe(project: Path, *args: str) -> subprocess.CompletedProcess:
+def test_editing_a_module_reruns_every_stage_that_imports_it(project):
+    """evaluate reads documents through steps/prepare.py: DVC must see an edit of it."""
+    with (project / "steps/prepare.py").open("a") as f:
+        f.write("\n# an edit\n")
+    assert dvc_changed(project) == {"model_source", "prepare", "evaluate"}
+    with (project / "steps/params.py").open("a") as f:
+        f.write("\n# an edit\n")
+    assert dvc_changed(project) == {s.name for s in dvc_stages()}  # every step reads params
+
+
+def test_a_new_model_in_the_same_local_directory_reruns_base_model(project, tiny_model_dir):
+    """base_model.source names a local directory: new weights there are a changed dependency."""
+    from benchmarks.workloads import build_tiny_model
+
+    def repro_base_model() -> str:
+        out = subprocess.run([BIN / "dvc", "repro", "base_model"], cwd=project, env=DVC_ENV,
+                             text=True, capture_output=True)  # fmt: skip
+        assert out.returncode == 0, out.stdout[-1000:] + out.stderr[-2000:]
+        return out.stdout
+
+    shutil.copytree(tiny_model_dir, project / "local-model")
+    params = (project / "params.yaml").read_text()
+    (project / "params.yaml").write_text(params.replace(str(tiny_model_dir), "local-model"))
+    assert "Running stage 'base_model'" in repro_base_model()  # a new source
+    assert "Running stage 'base_model'" not in repro_base_model()  # the same source
+    build_tiny_model(project / "local-model", seed=1)  # other weights at the same path
+    assert "Running stage 'base_model'" in repro_base_model()
+
+
+def llmpipe_run(project: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [BIN / "llmpipe", "run", *args], cwd=project, text=True, capture_output=True, timeout=300
     )
@@ -184,11 +216,10 @@ USER_ERRORS = {
 @pytest.mark.parametrize(
     ("args", "setup", "expected"), USER_ERRORS.values(), ids=USER_ERRORS.keys()
 )
-def test_user_errors_are_one_line_and_touch_nothing(
-    first_run, project, mlflow_uri, args, setup, expected
-):
+def test_user_errors_are_one_line_and_touch_nothing(project, args, setup, expected):
     from mlflow import MlflowClient
 
+    mlflow_uri = uri_of(project)
     if setup:
         (project / setup[0]).write_text(setup[1])
     watched = ["params.yaml", "dvc.lock", "metrics/eval.json"]
@@ -196,7 +227,7 @@ def test_user_errors_are_one_line_and_touch_nothing(
     registry = registry_state(mlflow_uri)
     experiment = MlflowClient(mlflow_uri).get_experiment_by_name("llmpipe").experiment_id
     runs = len(MlflowClient(mlflow_uri).search_runs([experiment]))
-    done = _llmpipe(project, *args)
+    done = llmpipe_run(project, *args)
     assert done.returncode == 2, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
@@ -207,27 +238,26 @@ def test_user_errors_are_one_line_and_touch_nothing(
     assert len(MlflowClient(mlflow_uri).search_runs([experiment])) == runs
 
 
-def test_unknown_key_in_params_file_stops_dvc_repro_too(first_run, project):
+def test_unknown_key_in_params_file_stops_dvc_repro_too(project):
     """Without Prefect, a step refuses a bad params.yaml with the same one-line error."""
     params = (project / "params.yaml").read_text()
     (project / "params.yaml").write_text(params + "\nextra_section:\n  x: 1\n")
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "steps.prepare"], cwd=project, text=True, capture_output=True
-        )
-    finally:
-        (project / "params.yaml").write_text(params)
+    values = yaml.safe_load(params)
+    cmd = [interpolate(arg, values) for arg in command(STAGE["prepare"])]
+    done = subprocess.run([sys.executable, *cmd[1:]], cwd=project, text=True, capture_output=True)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2
     assert len(lines) == 1 and "unknown key 'extra_section'" in lines[0], done.stderr
 
 
-def test_perplexity_cli_scores_the_champion_uri_like_the_pipeline(first_run, project, mlflow_uri):
+def test_perplexity_cli_scores_the_champion_uri_like_the_pipeline(golden, tmp_path):
     """`llmpipe perplexity` on models:/llmpipe@champion reproduces the evaluate stage's number."""
     from datasets import load_from_disk
 
+    project = golden[0]
+    mlflow_uri = uri_of(project)
     texts = load_from_disk(str(project / "data/prepared/test"))["text"]
-    heldout = project / "heldout.jsonl"
+    heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     done = subprocess.run(
         [
@@ -247,7 +277,6 @@ def test_perplexity_cli_scores_the_champion_uri_like_the_pipeline(first_run, pro
         cwd=project,
         text=True,
         capture_output=True,
-        env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
     )
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -260,6 +289,7 @@ def test_perplexity_cli_scores_the_champion_uri_like_the_pipeline(first_run, pro
 
 
 def test_each_run_leaves_a_report_artifact_in_prefect(first_run):
+    """The golden run's report is among the session's `finetune-report` artifacts."""
     import asyncio
 
     from prefect.client.orchestration import get_client
@@ -273,18 +303,18 @@ def test_each_run_leaves_a_report_artifact_in_prefect(first_run):
             return found
 
     reports = asyncio.run(latest_report())
-    assert reports, "no finetune-report artifact"
-    text = reports[-1].data
-    assert "## Promotion" in text and "version 1" in text
-    assert first_run["mlflow_run_id"] in "\n".join(r.data for r in reports)
+    ours = [r.data for r in reports if first_run["mlflow_run_id"] in r.data]
+    assert len(ours) == 1, f"{len(reports)} reports, {len(ours)} of the golden run"
+    assert "## Promotion" in ours[0] and "promoted to champion" in ours[0]
+    assert "llmpipe version 1" in ours[0]
 
 
-def test_retrain_skips_unchanged_data_then_runs_after_data_add(first_run, project, mlflow_uri):
+def test_retrain_skips_unchanged_data_then_runs_after_data_add(golden, project, prefect_server):
     """What the scheduled deployment does: nothing while the data is the champion's, a run after."""
     from flows.finetune import finetune
     from steps.lineage import file_md5
 
-    champion_data = first_run["register"]["tags"]["data_hash"]
+    champion_data = golden[1]["register"]["tags"]["data_hash"]
     assert champion_data == file_md5(project / "data/raw/pydoc_topics.jsonl")  # DVC's md5
     skipped = finetune(project_dir=str(project), only_if_data_changed=True)
     assert skipped["skipped"].startswith("no new data")
@@ -321,12 +351,13 @@ def test_retrain_skips_unchanged_data_then_runs_after_data_add(first_run, projec
     assert rerun["register"]["new_version"] is True
 
 
-def test_continue_from_champion_fine_tunes_the_registered_model(first_run, project, mlflow_uri):
+def test_continue_from_champion_fine_tunes_the_registered_model(project, prefect_server):
     """Scheduled retraining can start from the champion instead of the base model."""
     from mlflow import MlflowClient
 
     from flows.finetune import finetune
 
+    mlflow_uri = uri_of(project)
     champion = MlflowClient(mlflow_uri).get_model_version_by_alias("llmpipe", "champion")
     summary = finetune(
         project_dir=str(project),

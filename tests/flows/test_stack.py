@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,17 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.project import make_project, tiny_params
+from benchmarks.workloads import make_project, tiny_params
+from steps.servers import free_port
 
 pytestmark = pytest.mark.integration
 
 LLMPIPE = Path(sys.executable).parent / "llmpipe"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def api(base: str, path: str, body: dict | None = None, method: str | None = None) -> dict | list:

@@ -1,11 +1,11 @@
-"""`llmpipe sweep`: every combination tracked, the workspace ends on the best, only it may promote."""
+"""`llmpipe sweep`: every combination tracked, workspace ends on the best, only it may promote."""
 
 from __future__ import annotations
 
 import pytest
 import yaml
 
-from tests.project import make_project, tiny_params
+from benchmarks.workloads import make_project, tiny_params
 
 pytestmark = pytest.mark.integration
 

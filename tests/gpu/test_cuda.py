@@ -1,4 +1,4 @@
-"""CUDA checks: bf16 training and GPU scoring. Skipped where there is no CUDA device (CI, laptops)."""
+"""CUDA checks: bf16 training and GPU scoring. Skipped without a CUDA device (CI, laptops)."""
 
 from __future__ import annotations
 
@@ -24,18 +24,15 @@ def test_auto_precision_trains_in_bf16_and_saves_fp32(tmp_path, monkeypatch, tin
     from steps.prepare import prepare
     from steps.train import train, training_arguments, use_bf16
 
-    monkeypatch.chdir(tmp_path)
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prepare(PrepareParams(data="docs.jsonl", block_size=32), tokenizer, tmp_path / "prepared")
+    prepare(PrepareParams(block_size=32), tmp_path / "docs.jsonl", tokenizer, tmp_path / "prepared")
     params = TrainParams(max_steps=30, learning_rate=3e-3, batch_size=8, warmup_ratio=0.0)
     assert use_bf16("auto") == torch.cuda.is_bf16_supported()
     assert training_arguments(params, tmp_path / "ckpt").bf16 == torch.cuda.is_bf16_supported()
-    metrics = train(params, tiny_model_dir, tmp_path / "prepared", tmp_path / "tuned")
-    losses = [
-        float(r.split(",")[1])
-        for r in (tmp_path / "metrics/train_loss.csv").read_text().split()[1:]
-    ]
+    outs = (tmp_path / "tuned", tmp_path / "train.json", tmp_path / "loss.csv", tmp_path / "ckpt")
+    metrics = train(params, tiny_model_dir, tmp_path / "prepared", *outs)
+    losses = [float(r.split(",")[1]) for r in (tmp_path / "loss.csv").read_text().split()[1:]]
     assert losses[-1] < losses[0]
     assert metrics["steps"] == 30
     with safe_open(tmp_path / "tuned/model.safetensors", "pt") as f:

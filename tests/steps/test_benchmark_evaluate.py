@@ -7,8 +7,7 @@ import json
 
 import pytest
 
-from tests.conftest import REPO
-from tests.tiny import SAMPLE_TEXT
+from benchmarks.workloads import REPO, SAMPLE_TEXT
 
 pytestmark = pytest.mark.unit
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO
-from tests.tiny import SAMPLE_TEXT
+from benchmarks.workloads import REPO, SAMPLE_TEXT
 
 try:
     from steps.metrics import corpus_perplexity as cp

@@ -42,10 +42,10 @@ def lock(tmp_path):
 
 
 def test_dvc_lock_hash_reads_outs_and_deps(lock):
-    assert dvc_lock_hash("train", "models/tuned", lock=lock) == "b" * 32 + ".dir"
-    assert dvc_lock_hash("prepare", "data/prepared", lock=lock) == "a" * 32 + ".dir"
+    assert dvc_lock_hash(lock, "train", "models/tuned") == "b" * 32 + ".dir"
+    assert dvc_lock_hash(lock, "prepare", "data/prepared") == "a" * 32 + ".dir"
     assert (
-        dvc_lock_hash("prepare", "data/raw/pydoc_topics.jsonl", "deps", lock=lock)
+        dvc_lock_hash(lock, "prepare", "data/raw/pydoc_topics.jsonl", "deps")
         == "0123456789abcdef0123456789abcdef"
     )
 
@@ -60,14 +60,14 @@ def test_dvc_lock_hash_reads_outs_and_deps(lock):
     ],
 )
 def test_dvc_lock_hash_unknown_is_empty(lock, stage, path, section):
-    assert dvc_lock_hash(stage, path, section, lock=lock) == ""
+    assert dvc_lock_hash(lock, stage, path, section) == ""
 
 
 def test_dvc_lock_hash_without_lock(tmp_path):
-    assert dvc_lock_hash("train", "models/tuned", lock=tmp_path / "dvc.lock") == ""
+    assert dvc_lock_hash(tmp_path / "dvc.lock", "train", "models/tuned") == ""
     empty = tmp_path / "empty.lock"
     empty.write_text("")
-    assert dvc_lock_hash("train", "models/tuned", lock=empty) == ""
+    assert dvc_lock_hash(empty, "train", "models/tuned") == ""
 
 
 def git(cwd, *args):
@@ -111,3 +111,17 @@ def test_git_sha_in_a_fresh_repo(no_outer_repo):
 def test_git_sha_in_a_repo_without_commits(no_outer_repo):
     git(no_outer_repo, "init", "-q")
     assert git_sha(no_outer_repo) == ""
+
+
+def test_stage_lineage_reads_the_facts_the_table_declares(lock):
+    from steps.lineage import stage_lineage
+    from steps.params import Params
+
+    params = Params().model_dump(by_alias=True)  # prepare.data = data/raw/pydoc_topics.jsonl
+    assert stage_lineage(lock.parent, params) == {
+        "base_model_hash": "",  # not in this lock: base_model has not run
+        "data_hash": "0123456789abcdef0123456789abcdef",
+        "model_hash": "b" * 32 + ".dir",
+    }
+    params["prepare"]["data"] = "data/raw/other.jsonl"
+    assert stage_lineage(lock.parent, params)["data_hash"] == ""

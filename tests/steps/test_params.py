@@ -8,6 +8,7 @@ import pydantic
 import pytest
 import yaml
 
+from benchmarks.workloads import REPO
 from steps.errors import UserError
 from steps.params import (
     Params,
@@ -17,7 +18,6 @@ from steps.params import (
     parse_override,
     parse_params,
 )
-from tests.conftest import REPO
 
 pytestmark = pytest.mark.unit
 

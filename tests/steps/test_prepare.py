@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -143,7 +144,10 @@ def test_split_of_is_deterministic_and_by_content():
     random.Random(1).shuffle(shuffled)
     assert {d: split_of(d, 0.1, 0.05) for d in shuffled} == first
     params = PrepareParams(test_fraction=0.1, validation_fraction=0.05)
-    a, b = split_documents(docs, params), split_documents(shuffled, params)
+    a, b = (
+        split_documents(docs, params, Path("corpus.jsonl")),
+        split_documents(shuffled, params, Path("corpus.jsonl")),
+    )
     for name in ("train", "validation", "test"):
         assert sorted(a[name]) == sorted(b[name])
         assert all(first[d] == name for d in a[name])
@@ -156,7 +160,8 @@ def test_split_of_is_deterministic_and_by_content():
 
 def test_split_fractions_are_roughly_respected():
     docs = [f"synthetic document number {i}" for i in range(2000)]
-    splits = split_documents(docs, PrepareParams(test_fraction=0.1, validation_fraction=0.05))
+    params = PrepareParams(test_fraction=0.1, validation_fraction=0.05)
+    splits = split_documents(docs, params, Path("corpus.jsonl"))
     assert sum(len(v) for v in splits.values()) == 2000
     assert 0.07 <= len(splits["test"]) / 2000 <= 0.13
     assert 0.03 <= len(splits["validation"]) / 2000 <= 0.07
@@ -167,9 +172,9 @@ def test_split_documents_raises_when_test_would_be_empty():
     candidates = synthetic_docs(100)
     docs = [d for d in candidates if split_of(d, 0.1, 0.05) == "train"][:5]
     assert len(docs) == 5
-    params = PrepareParams(data="corpus.jsonl", test_fraction=0.1, validation_fraction=0.05)
+    params = PrepareParams(test_fraction=0.1, validation_fraction=0.05)
     with pytest.raises(UserError, match=r"corpus\.jsonl: the test split is empty \(5 documents\)"):
-        split_documents(docs, params)
+        split_documents(docs, params, Path("corpus.jsonl"))
 
 
 def test_split_documents_raises_when_train_would_be_empty():
@@ -177,7 +182,8 @@ def test_split_documents_raises_when_train_would_be_empty():
     docs = [d for d in candidates if split_of(d, 0.1, 0.05) == "test"][:3]
     assert len(docs) == 3
     with pytest.raises(UserError, match="the train split is empty"):
-        split_documents(docs, PrepareParams(test_fraction=0.1, validation_fraction=0.05))
+        params = PrepareParams(test_fraction=0.1, validation_fraction=0.05)
+        split_documents(docs, params, Path("corpus.jsonl"))
 
 
 # packing and hashing -----------------------------------------------------------------------------
@@ -223,11 +229,9 @@ def test_prepare_writes_splits_blocks_and_stats(tmp_path, corpus, tiny_model):
 
     _, tokenizer = tiny_model
     path, docs = corpus
-    params = PrepareParams(
-        data=str(path), block_size=16, test_fraction=0.2, validation_fraction=0.1
-    )
+    params = PrepareParams(block_size=16, test_fraction=0.2, validation_fraction=0.1)
     out = tmp_path / "prepared"
-    stats = prepare(params, tokenizer, out)
+    stats = prepare(params, path, tokenizer, out)
     assert sorted(p.name for p in out.iterdir()) == ["stats.json", "test", "train", "validation"]
     assert json.loads((out / "stats.json").read_text()) == stats
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prepared")]
@@ -258,8 +262,8 @@ def test_prepare_writes_splits_blocks_and_stats(tmp_path, corpus, tiny_model):
 
 def test_prepare_with_no_validation_split(tmp_path, corpus, tiny_model):
     path, _ = corpus
-    params = PrepareParams(data=str(path), block_size=16, test_fraction=0.2, validation_fraction=0)
-    stats = prepare(params, tiny_model[1], tmp_path / "prepared")
+    params = PrepareParams(block_size=16, test_fraction=0.2, validation_fraction=0)
+    stats = prepare(params, path, tiny_model[1], tmp_path / "prepared")
     assert stats["validation"] == {"documents": 0, "tokens": 0, "blocks": 0}
     assert (tmp_path / "prepared" / "validation" / "state.json").is_file()
 
@@ -268,28 +272,28 @@ def test_empty_validation_split_can_be_loaded(tmp_path, corpus, tiny_model):
     from datasets import load_from_disk
 
     path, _ = corpus
-    params = PrepareParams(data=str(path), block_size=16, test_fraction=0.2, validation_fraction=0)
-    prepare(params, tiny_model[1], tmp_path / "prepared")
+    params = PrepareParams(block_size=16, test_fraction=0.2, validation_fraction=0)
+    prepare(params, path, tiny_model[1], tmp_path / "prepared")
     assert len(load_from_disk(str(tmp_path / "prepared" / "validation"))) == 0
 
 
 def test_failing_prepare_leaves_no_output(tmp_path, corpus, tiny_model):
     path, _ = corpus
-    params = PrepareParams(data=str(path), block_size=65536, test_fraction=0.2)
+    params = PrepareParams(block_size=65536, test_fraction=0.2)
     out = tmp_path / "prepared"
     with pytest.raises(UserError, match="fewer tokens than one block"):
-        prepare(params, tiny_model[1], out)
+        prepare(params, path, tiny_model[1], out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl"]
 
 
 def test_failing_prepare_keeps_previous_output(tmp_path, corpus, tiny_model):
     path, _ = corpus
     out = tmp_path / "prepared"
-    good = PrepareParams(data=str(path), block_size=16, test_fraction=0.2)
-    prepare(good, tiny_model[1], out)
+    good = PrepareParams(block_size=16, test_fraction=0.2)
+    prepare(good, path, tiny_model[1], out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(UserError):
-        prepare(good.model_copy(update={"block_size": 65536}), tiny_model[1], out)
+        prepare(good.model_copy(update={"block_size": 65536}), path, tiny_model[1], out)
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.jsonl", "prepared"]

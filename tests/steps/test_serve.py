@@ -1,38 +1,16 @@
-"""steps/serve.py: ports, the server command, the completion client, and readiness failures."""
+"""steps/serve.py: the completion client against a real HTTP server."""
 
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from steps.serve import complete, free_port, serve_command, wait_ready
+from steps.serve import complete
 
 pytestmark = pytest.mark.unit
-
-
-def test_free_port_is_bindable():
-    port = free_port()
-    assert 1024 <= port <= 65535
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))
-        assert s.getsockname() == ("127.0.0.1", port)
-
-
-def test_serve_command():
-    cmd = serve_command("models:/llmpipe@champion", "127.0.0.1", 5123)
-    assert cmd[:3] == [sys.executable, "-m", "mlflow"]
-    assert cmd[3:5] == ["models", "serve"]
-    joined = " ".join(cmd)
-    assert "-m models:/llmpipe@champion" in joined
-    assert "--env-manager local" in joined
-    assert "-h 127.0.0.1" in joined
-    assert "-p 5123" in joined
 
 
 @pytest.fixture
@@ -84,41 +62,3 @@ def test_complete_against_a_real_server(completion_server, answer):
             "body": {"prompt": "In Python, the for statement", "max_tokens": 7},
         }
     ]
-
-
-def test_wait_ready_fails_when_the_server_has_exited(tmp_path):
-    log = tmp_path / "server.log"
-    log.write_text("".join(f"line {i}\n" for i in range(1, 9)))
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
-    proc.wait(timeout=30)
-    with pytest.raises(RuntimeError) as info:
-        wait_ready(f"http://127.0.0.1:{free_port()}", proc, log, timeout=30)
-    msg = str(info.value)
-    assert "exited with 3" in msg
-    assert msg.endswith("line 4 | line 5 | line 6 | line 7 | line 8")
-    assert "line 3" not in msg
-
-
-def test_wait_ready_returns_when_ping_answers(tmp_path):
-    class Ping(BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(200 if self.path == "/ping" else 404)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Ping)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}"
-        assert wait_ready(url, proc, tmp_path / "unused.log", timeout=20) is None
-        assert proc.poll() is None
-    finally:
-        proc.kill()
-        proc.wait()
-        server.shutdown()
-        server.server_close()

@@ -10,9 +10,9 @@ import shutil
 import pytest
 import torch
 
+from benchmarks.workloads import SAMPLE_TEXT
 from steps.params import PrepareParams, TrainParams
-from steps.train import causal_lm_batch, run_fingerprint, train, use_bf16
-from tests.tiny import SAMPLE_TEXT
+from steps.train import causal_lm_batch, run_fingerprint, train
 
 pytestmark = pytest.mark.unit
 
@@ -26,18 +26,6 @@ def test_causal_lm_batch_labels_are_a_copy_of_inputs():
     assert batch["labels"].data_ptr() != batch["input_ids"].data_ptr()
     batch["labels"][0, 0] = -100
     assert batch["input_ids"][0, 0].item() == 1
-
-
-def test_use_bf16():
-    assert use_bf16("fp32") is False
-    assert use_bf16("bf16") is True
-    expected_auto = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    assert use_bf16("auto") is expected_auto
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only answer")
-def test_use_bf16_auto_is_false_on_cpu():
-    assert use_bf16("auto") is False
 
 
 def test_run_fingerprint_tracks_params_data_and_base(tmp_path):
@@ -58,11 +46,16 @@ def test_run_fingerprint_tracks_params_data_and_base(tmp_path):
     assert run_fingerprint(params, data, base) not in (fp, with_stats)
 
 
+def outputs(root):
+    """train()'s output paths (model, metrics, loss curve, checkpoints) under `root`."""
+    return root / "tuned", root / "metrics/train.json", root / "metrics/loss.csv", root / "ckpt"
+
+
 def test_train_requires_prepared_data(tmp_path, tiny_model_dir):
     from steps.errors import UserError
 
     with pytest.raises(UserError, match="run the prepare stage first"):
-        train(TrainParams(), tiny_model_dir, tmp_path / "missing", tmp_path / "out")
+        train(TrainParams(), tiny_model_dir, tmp_path / "missing", *outputs(tmp_path))
 
 
 def test_train_end_to_end(tmp_path, monkeypatch, tiny_model_dir, tiny_model):
@@ -72,42 +65,40 @@ def test_train_end_to_end(tmp_path, monkeypatch, tiny_model_dir, tiny_model):
     from steps.metrics.corpus_perplexity import score_texts
     from steps.prepare import prepare
 
-    monkeypatch.chdir(tmp_path)
     rng = random.Random(0)
     docs = [f"{i}: " + " ".join(rng.sample(SAMPLE_TEXT, 2)) for i in range(60)]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     data_dir, out_dir = tmp_path / "prepared", tmp_path / "tuned"
     base_tok = tiny_model[1]
-    prep = PrepareParams(
-        data=str(corpus), block_size=32, test_fraction=0.2, validation_fraction=0.1
-    )
-    prepare(prep, base_tok, data_dir)
+    prep = PrepareParams(block_size=32, test_fraction=0.2, validation_fraction=0.1)
+    prepare(prep, corpus, base_tok, data_dir)
     params = TrainParams(
         max_steps=30, learning_rate=3e-3, batch_size=4, save_steps=10, warmup_ratio=0.0
     )
     fingerprint = run_fingerprint(params, data_dir, tiny_model_dir)
 
-    metrics = train(params, tiny_model_dir, data_dir, out_dir)
+    metrics = train(params, tiny_model_dir, data_dir, *outputs(tmp_path))
 
     files = {p.name for p in out_dir.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json"} <= files
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tuned")]
     on_disk = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert not list((tmp_path / "metrics").glob(".*"))  # no temporary files left behind
     assert on_disk == pytest.approx(metrics)
     assert on_disk["steps"] == 30
     assert on_disk["tokens_seen"] == 30 * 4 * 32
     assert "eval_loss" in on_disk
     assert len(load_from_disk(str(data_dir / "validation"))) > 0
 
-    with (tmp_path / "metrics" / "train_loss.csv").open() as f:
+    with (tmp_path / "metrics" / "loss.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 30  # logging_steps = max(1, 30 // 50)
     assert [int(r["step"]) for r in rows] == list(range(1, 31))
     assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
 
-    assert not (tmp_path / "checkpoints" / f"train-{fingerprint}").exists()
-    assert not list((tmp_path / "checkpoints").glob("train-*"))
+    assert not (tmp_path / "ckpt" / f"train-{fingerprint}").exists()
+    assert not list((tmp_path / "ckpt").glob("train-*"))
 
     texts = docs[:20]
     tuned = AutoModelForCausalLM.from_pretrained(out_dir, use_safetensors=True)

@@ -17,14 +17,14 @@ def test_retry_resumes_from_checkpoint_after_a_crash(tmp_path, monkeypatch, tiny
     from transformers import AutoTokenizer, Trainer
 
     from steps.params import PrepareParams, TrainParams
-    from steps.paths import CHECKPOINTS_DIR as CHECKPOINTS
     from steps.prepare import prepare
     from steps.train import train
 
-    monkeypatch.chdir(tmp_path)
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prepare(PrepareParams(data="docs.jsonl", block_size=16), tokenizer, tmp_path / "prepared")
+    prepared, ckpts = tmp_path / "prepared", tmp_path / "checkpoints"
+    prepare(PrepareParams(block_size=16), tmp_path / "docs.jsonl", tokenizer, prepared)
+    outs = (tmp_path / "tuned", tmp_path / "train.json", tmp_path / "loss.csv", ckpts)
     params = TrainParams(max_steps=6, save_steps=2, batch_size=2, learning_rate=1e-3)
 
     real_step, calls = Trainer.training_step, {"n": 0}
@@ -37,15 +37,15 @@ def test_retry_resumes_from_checkpoint_after_a_crash(tmp_path, monkeypatch, tiny
 
     monkeypatch.setattr(Trainer, "training_step", crash_on_fourth_step)
     with pytest.raises(RuntimeError, match="simulated kill"):
-        train(params, tiny_model_dir, tmp_path / "prepared", tmp_path / "tuned")
+        train(params, tiny_model_dir, prepared, *outs)
     assert not (tmp_path / "tuned").exists()  # nothing half-written
-    saved = sorted(p.name for p in (tmp_path / CHECKPOINTS).glob("train-*/checkpoint-*"))
+    saved = sorted(p.name for p in ckpts.glob("train-*/checkpoint-*"))
     assert saved == ["checkpoint-2"]
 
     monkeypatch.setattr(Trainer, "training_step", real_step)
     capsys.readouterr()
-    metrics = train(params, tiny_model_dir, tmp_path / "prepared", tmp_path / "tuned")
+    metrics = train(params, tiny_model_dir, prepared, *outs)
     assert "resuming from" in capsys.readouterr().out
     assert metrics["steps"] == 6
     assert (tmp_path / "tuned" / "model.safetensors").is_file()
-    assert not any((tmp_path / CHECKPOINTS).iterdir())  # checkpoints are removed on success
+    assert not any(ckpts.iterdir())  # checkpoints are removed on success

@@ -1,26 +1,80 @@
-"""Running stages as subprocesses: output streaming, kill on interrupt, and the retry policy."""
+"""Stages run as subprocesses: outcome records (not console text), kill on interrupt, retries."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from flows.stages import StageFailed, UserInputError, run_logged, run_step_module, user_error_line
+from flows.runner import StageFailed, UserInputError, run_logged, run_stage
+from steps.stages import Stage
+
+STEP = """
+import sys
+from steps.errors import UserError
+from steps.outcome import run_main
+
+def main():
+    kind = sys.argv[1]
+    print("working on", kind)
+    if kind == "bad_input":
+        raise UserError("data.txt:3: not valid JSON; fix the line")
+    if kind == "crash":
+        raise MemoryError("boom")
+    return {"documents": 7}
+
+run_main(main)
+"""
+
+
+@pytest.fixture
+def fake_steps(tmp_path) -> Path:
+    """A project whose package `fake_steps.step` behaves as argv[1] says, through steps.outcome."""
+    pkg = tmp_path / "fake_steps"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "step.py").write_text(STEP)
+    return tmp_path
+
+
+def task_stage(kind: str) -> Stage:
+    """A flow task without a DVC stage; its command is `python -m fake_steps.step <kind>`."""
+    return Stage(f"fake-{kind}", "fake_steps.step", dvc=False)
 
 
 @pytest.mark.unit
-def test_user_error_line_needs_exit_2_and_an_error_line():
-    lines = [
-        "Running stage 'prepare':",
-        "error: data/x.jsonl:3: not valid JSON (oops)",
-        "ERROR: failed to reproduce 'prepare': failed to run: python -m steps.prepare, exited with 2",
-    ]
-    assert user_error_line(lines) == "data/x.jsonl:3: not valid JSON (oops)"
-    assert user_error_line([*lines[:2], "... exited with 1"]) is None  # a crash, not the user
-    assert user_error_line(["exited with 2"]) is None  # no message to show
+def test_the_outcome_record_says_what_happened(fake_steps):
+    lines: list[str] = []
+    done = run_stage(task_stage("ok"), fake_steps, {}, lines.append, extra_args=("ok",))
+    assert done.skipped is False and done.facts == {"documents": 7}
+    assert 0 < done.step_seconds <= done.seconds
+    assert lines == ["working on ok"]
+    with pytest.raises(UserInputError) as info:
+        run_stage(task_stage("bad"), fake_steps, {}, lines.append, extra_args=("bad_input",))
+    assert str(info.value) == "data.txt:3: not valid JSON; fix the line"
+    with pytest.raises(StageFailed, match=r"exit 1\): MemoryError: boom"):
+        run_stage(task_stage("crash"), fake_steps, {}, lines.append, extra_args=("crash",))
+
+
+@pytest.mark.integration
+def test_a_dvc_stage_that_dvc_skips_is_reported_cached(fake_steps):
+    """Real DVC: the first repro runs the step (a record of its facts), the second runs nothing."""
+    bin_dir = Path(sys.executable).parent
+    subprocess.run(["git", "init", "-q"], cwd=fake_steps, check=True)
+    subprocess.run([bin_dir / "dvc", "init", "-q"], cwd=fake_steps, check=True)
+    (fake_steps / "dvc.yaml").write_text(
+        "stages:\n  fake:\n    cmd: python -m fake_steps.step ok > out.txt\n"
+        "    deps: [fake_steps/step.py]\n    outs: [out.txt]\n"
+    )
+    stage = Stage("fake", "fake_steps.step")
+    first = run_stage(stage, fake_steps, {}, lambda line: None)
+    assert first.skipped is False and first.facts == {"documents": 7}
+    again = run_stage(stage, fake_steps, {}, lambda line: None)
+    assert again.skipped is True and again.facts == {}
 
 
 @pytest.mark.unit
@@ -60,21 +114,6 @@ def test_interrupt_kills_the_stage_and_its_children(tmp_path):
         time.sleep(0.1)
     else:
         pytest.fail(f"grandchild {child} survived the interrupt")
-
-
-@pytest.mark.unit
-def test_step_module_exit_2_is_a_user_error_other_codes_are_transient(tmp_path, monkeypatch):
-    pkg = tmp_path / "fake_steps"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "bad_input.py").write_text(
-        "import sys\nprint('error: data.txt: empty', file=sys.stderr)\nsys.exit(2)\n"
-    )
-    (pkg / "crash.py").write_text("raise MemoryError('boom')\n")
-    with pytest.raises(UserInputError, match=r"data\.txt: empty"):
-        run_step_module("fake_steps.bad_input", [], tmp_path, {}, lambda line: None)
-    with pytest.raises(StageFailed, match="exit 1"):
-        run_step_module("fake_steps.crash", [], tmp_path, {}, lambda line: None)
 
 
 @pytest.mark.integration
@@ -123,15 +162,15 @@ def test_a_killed_stage_is_retried_by_prefect(prefect_server, tmp_path):
         "if not marker.exists():\n"
         "    marker.write_text('killed')\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "print('second attempt done')\n"
+        "from steps.outcome import run_main\n"
+        "run_main(lambda: print('second attempt done'))\n"
     )
     lines: list[str] = []
 
     @task(retries=2, **{**RETRY_POLICY, "retry_delay_seconds": 0})
     def stage() -> float:
-        return run_step_module(
-            "fake_stage.killed_once", [str(tmp_path / "marker")], tmp_path, {}, lines.append
-        )
+        killed_once = Stage("killed_once", "fake_stage.killed_once", dvc=False)
+        return run_stage(killed_once, tmp_path, {}, lines.append, (str(tmp_path / "marker"),))
 
     @flow
     def one_stage() -> str:

@@ -1,0 +1,162 @@
+"""Workloads for tests and benchmarks: model shapes, a tiny random Llama, throwaway projects.
+
+    build_tiny_model(dir)              # 2-layer Llama + byte-level BPE, offline, in seconds
+    random_model_dir(dir, layers=4)    # SmolLM2-135M's shape with random weights (for throughput)
+    make_project(dir, tiny_params(m))  # a git + DVC copy of the pipeline with params.yaml edited
+
+Benchmarks import this module; tests import it too (the test package is never imported by a
+benchmark).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+SAMPLE_TEXT = [
+    "The for statement is used to iterate over the elements of a sequence.",
+    "A function definition defines a user-defined function object.",
+    "Assignment statements are used to (re)bind names to values and to modify attributes.",
+    "The while statement is used for repeated execution as long as an expression is true.",
+    "Exceptions are raised by the raise statement and handled by try statements.",
+]
+
+
+def build_tiny_model(out: Path, seed: int = 0) -> Path:
+    """Write config, safetensors weights, tokenizer and generation config of a 2-layer Llama."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(SAMPLE_TEXT * 20, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="</s>",
+        model_max_length=512,
+    )
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
+        tie_word_embeddings=True,
+    )
+    model = LlamaForCausalLM(config)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# SmolLM2-135M's shape, from the GGUF's config (steps.base_model writes the same to models/base).
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_theta=100000.0,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
+
+
+def placeholder_tokenizer():
+    """Three special tokens and nothing else: for models fed synthetic token ids."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="</s>",
+    )
+
+
+def random_model_dir(dest: Path, layers: int | None = None, seed: int = 0) -> tuple[Path, int]:
+    """SmolLM2-135M's architecture (optionally fewer layers) with random weights, saved with a
+    placeholder tokenizer; returns (directory, parameter count)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = dict(SMOLLM2_135M, num_hidden_layers=layers or SMOLLM2_135M["num_hidden_layers"])
+    model = LlamaForCausalLM(LlamaConfig(**cfg))
+    model.save_pretrained(dest, safe_serialization=True)
+    placeholder_tokenizer().save_pretrained(dest)
+    return dest, sum(p.numel() for p in model.parameters())
+
+
+PROJECT_FILES = [
+    "steps",
+    "flows",
+    "dvc.yaml",
+    "params.yaml",
+    ".dvc/config",
+    ".gitignore",
+    "data/reference",
+]
+
+
+def make_project(dest: Path, params: dict[str, dict]) -> Path:
+    """A throwaway copy of the pipeline (a git repo with DVC), with params.yaml keys replaced."""
+    import shutil
+    import subprocess
+
+    from ruamel.yaml import YAML
+
+    for name in PROJECT_FILES:
+        src = REPO / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    rt = YAML()
+    doc = rt.load((dest / "params.yaml").read_text())
+    for section, values in params.items():
+        doc[section].update(values)
+    with (dest / "params.yaml").open("w") as f:
+        rt.dump(doc, f)
+    git = ["git", "-c", "user.email=ci@llmpipe.invalid", "-c", "user.name=ci"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "test project"], cwd=dest, check=True)
+    return dest
+
+
+def tiny_params(model_dir: Path, **train: object) -> dict[str, dict]:
+    """params.yaml edits for a fast run of the tiny model: small blocks, few steps, one sample."""
+    return {
+        "base_model": {"source": str(model_dir)},
+        "prepare": {"block_size": 32},
+        "train": {"max_steps": 6, "save_steps": 3, **train},
+        "evaluate": {"window": 64, "stride": 64, "batch_size": 8, "samples": 1, "sample_tokens": 4},
+    }

@@ -1,0 +1,113 @@
+"""Run one stage of the table as a subprocess, stream its output, and read its outcome record.
+
+A DVC stage runs as `dvc repro --single-item <stage>` (DVC decides whether it is up to date), a task
+without a DVC stage as its own command; either way in its own process group, so its memory (a GPU's
+too) is freed when it ends and a hung stage is killed with its children. What happened is read from
+the outcome record the step writes (steps/outcome.py), never from its console: no record from a DVC
+stage means DVC ran nothing (cached); a record with status "user_error" is the user's mistake (not
+retried); any other failure is worth a retry.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from steps.environment import quiet_offline_env
+from steps.outcome import OUTCOME_ENV, read_outcome
+from steps.stages import Stage, command
+
+
+class UserInputError(Exception):
+    """The stage rejected the user's data or params: retrying cannot help."""
+
+
+class StageFailed(Exception):
+    """The stage failed for another reason (killed, out of memory, lost connection): retry it."""
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    name: str
+    skipped: bool  # DVC found deps, params and outs unchanged and ran nothing
+    seconds: float  # the task's wall time: DVC's checks and the step together
+    step_seconds: float = 0.0  # inside the step itself (0 when skipped)
+    facts: dict = field(default_factory=dict)  # what the step returned (counts, metrics, ...)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def venv_bin() -> Path:
+    return Path(sys.executable).parent
+
+
+def stage_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment of a stage: quiet and offline, this interpreter first on PATH (so `python`
+    in dvc.yaml is ours), plus `extra`."""
+    env = {**quiet_offline_env(), **extra}
+    env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def dvc_executable() -> str:
+    local = venv_bin() / "dvc"
+    return str(local) if local.exists() else (shutil.which("dvc") or "dvc")
+
+
+def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Callable[[str], None]):
+    """Run cmd, passing each output line to `log`; kill its process group if we are interrupted."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, errors="replace", start_new_session=True)  # fmt: skip
+    tail: deque[str] = deque(maxlen=40)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            log(line)
+        return proc.wait(), list(tail)
+    finally:
+        if proc.poll() is None:  # timeout or Ctrl-C: take the whole stage down with us
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def stage_command(stage: Stage, extra_args: tuple[str, ...] = ()) -> list[str]:
+    if stage.dvc:
+        return [dvc_executable(), "repro", "--single-item", stage.name]
+    return [sys.executable, *command(stage)[1:], *extra_args]
+
+
+def run_stage(
+    stage: Stage,
+    project: Path,
+    env: dict[str, str],
+    log: Callable[[str], None],
+    extra_args: tuple[str, ...] = (),
+) -> StageOutcome:
+    """Run `stage` in `project`; its outcome, or UserInputError / StageFailed."""
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=f"llmpipe-{stage.name}-") as tmp:
+        outcome_file = Path(tmp) / "outcome.json"
+        run_env = stage_env({**env, OUTCOME_ENV: str(outcome_file)})
+        code, tail = run_logged(stage_command(stage, extra_args), project, run_env, log)
+        record = read_outcome(outcome_file)
+    seconds = time.perf_counter() - started
+    if record is not None and record["status"] == "user_error":
+        raise UserInputError(record["message"])
+    if code != 0 or (record is None and not stage.dvc):
+        why = record["message"] if record and "message" in record else " | ".join(tail[-3:])
+        raise StageFailed(f"stage {stage.name!r} failed (exit {code}): {why}")
+    if record is None:
+        return StageOutcome(stage.name, skipped=True, seconds=seconds)
+    return StageOutcome(stage.name, False, seconds, record["seconds"], record.get("facts", {}))

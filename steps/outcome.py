@@ -1,0 +1,54 @@
+"""The outcome record a step leaves for the flow: ran or failed, seconds, the user error, its facts.
+
+    LLMPIPE_OUTCOME=/tmp/x/train.json python -m steps.train ...   # what the flow's task runs
+
+A step's main() returns the facts it knows (counts, metrics, lineage) and `run_main` writes them,
+with how long the step took, to the file named by $LLMPIPE_OUTCOME. A UserError is recorded as data
+(status "user_error" with its one-line message) and the step exits 2; a crash is recorded with its
+last line. When DVC finds a stage up to date it runs nothing, so no record appears: the flow reads
+that as "cached". Without $LLMPIPE_OUTCOME (`dvc repro` alone) nothing is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from steps.errors import USER_ERROR_EXIT, UserError
+from steps.outputs import write_json
+
+OUTCOME_ENV = "LLMPIPE_OUTCOME"
+
+
+def _record(status: str, started: float, **fields: Any) -> None:
+    path = os.environ.get(OUTCOME_ENV)
+    if path:
+        write_json(path, {"status": status, "seconds": time.perf_counter() - started, **fields})
+
+
+def run_main(main: Callable[[], dict[str, Any] | None]) -> None:
+    """Run a step's main(); record its outcome; a UserError becomes one line on stderr, exit 2."""
+    started = time.perf_counter()
+    try:
+        facts = main() or {}
+    except UserError as err:
+        _record("user_error", started, message=str(err))
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+    except Exception as err:
+        _record("crashed", started, message=f"{type(err).__name__}: {err}".splitlines()[0])
+        raise
+    _record("ran", started, facts=facts)
+
+
+def read_outcome(path: Path) -> dict[str, Any] | None:
+    """The record a step wrote at `path`, or None when it wrote none (it did not run)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None

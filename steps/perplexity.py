@@ -1,0 +1,39 @@
+"""`llmpipe perplexity`: score any model directory or models:/ URI on any .txt or .jsonl file.
+
+    llmpipe perplexity --model models/base --input notes.txt [--window 512 --stride 256] [--json]
+
+The same scoring as the evaluate stage (steps/scoring.py), on the user's own file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from steps.errors import UserError
+from steps.params import EvaluateParams
+from steps.prepare import read_documents
+from steps.scoring import check_window, load_metric, load_model, perplexity
+
+
+def score_file(
+    model: str, input_file: Path, params: EvaluateParams, project: Path, text_field: str = "text"
+) -> dict:
+    """Perplexity of `model` (a directory, or models:/ in `project`'s registry) on the documents
+    of `input_file`."""
+    if not model.startswith("models:/") and not (Path(model) / "config.json").is_file():
+        raise UserError(
+            f"--model {model}: no config.json there; give a model directory or models:/NAME@ALIAS"
+        )
+    check_window(params, ("--stride", "--window"))
+    texts = read_documents(input_file, text_field)
+    if model.startswith("models:/"):
+        import mlflow
+
+        from steps.tracking import tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri(project))
+    try:
+        result = perplexity(load_metric(), *load_model(model), texts, params)
+    except ValueError as err:  # e.g. every text shorter than two tokens
+        raise UserError(f"{input_file}: {err}") from None
+    return {"model": model, "input": str(input_file), "texts": len(texts), **result}

@@ -1,0 +1,89 @@
+"""MLflow model registry I/O: look versions up by alias or tag, log and register a model.
+
+Only "this alias is not set" (or "this model is not registered yet") means there is no champion; any
+other MLflow error (a locked database, a refused request) propagates, so it can never read as "no
+champion" and let a run promote over one it failed to see.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from pathlib import Path
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+SERVING_PACKAGES = ("mlflow", "transformers", "torch", "accelerate", "safetensors", "tokenizers")
+INPUT_EXAMPLE = {"prompt": "The for statement", "max_tokens": 32}
+
+
+def is_unset_alias(err: Exception) -> bool:
+    """True for MLflow's answer to an alias that is not set or a model never registered."""
+    code = getattr(err, "error_code", "")
+    message = str(getattr(err, "message", err))
+    if code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    return code == "INVALID_PARAMETER_VALUE" and "alias" in message and "not found" in message
+
+
+def alias_version(client, name: str, alias: str):
+    """The model version behind `alias`, or None when the alias (or the model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if is_unset_alias(err):
+            return None
+        raise
+
+
+def champion_version(uri: str, name: str):
+    """The registered version behind alias `champion` in the registry at `uri`, or None."""
+    from mlflow import MlflowClient
+
+    return alias_version(MlflowClient(uri), name, CHAMPION)
+
+
+def find_version_by_tag(client, name: str, key: str, value: str):
+    """The first version of `name` whose tag `key` equals `value` (None for an empty value)."""
+    if not value:
+        return None
+    for mv in client.search_model_versions(f"name='{name}'"):
+        if mv.tags.get(key) == value:
+            return mv
+    return None
+
+
+def pip_requirements() -> list[str]:
+    """Exact versions of what the scoring server needs (MLflow's inference trips on torchvision)."""
+    return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in SERVING_PACKAGES]
+
+
+def log_and_register(uri: str, run_id: str, name: str, model_dir: Path, tags: dict[str, str]):
+    """Log `model_dir` into run `run_id` (transformers flavor, OpenAI-style completions), register
+    it as a new version of `name` with `tags`, and point `challenger` at it."""
+    import mlflow
+    from mlflow import MlflowClient
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # Components, not a checkpoint path: MLflow's path mode breaks on
+    # transformers 5's task registry.
+    components = {
+        "model": AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True),
+        "tokenizer": AutoTokenizer.from_pretrained(model_dir),
+    }
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.transformers.log_model(
+            transformers_model=components,
+            name="model",
+            task="llm/v1/completions",
+            pip_requirements=pip_requirements(),
+            input_example=INPUT_EXAMPLE,
+            registered_model_name=name,
+        )
+    client = MlflowClient(uri)
+    mv = client.get_model_version(name, str(info.registered_model_version))
+    for key, value in tags.items():
+        client.set_model_version_tag(name, mv.version, key, value)
+    client.set_registered_model_alias(name, CHALLENGER, mv.version)
+    return mv
