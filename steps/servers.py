@@ -18,7 +18,7 @@ from pathlib import Path
 LOOPBACK = "127.0.0.1"  # every server binds here unless the user asks otherwise
 PREFECT_PORT = 4200  # Prefect server and UI (`llmpipe up`)
 MLFLOW_UI_PORT = 5000  # MLflow UI (`llmpipe up`, and the links in run reports)
-SERVE_PORT = 5001  # the champion's scoring server (`serve.port` in params.yaml)
+# The champion's scoring server listens on `serve.port` (params.yaml, default 5001).
 
 
 def free_port(host: str = LOOPBACK) -> int:

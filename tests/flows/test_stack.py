@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.workloads import make_project, tiny_params
-from steps.servers import free_port
+from steps.servers import free_port, wait_http
 
 pytestmark = pytest.mark.integration
 
@@ -92,20 +92,8 @@ def test_deployments_have_their_schedule_and_a_typed_form(stack):
     form = found["manual"]["parameter_openapi_schema"]["properties"]
     assert {"learning_rate", "max_steps", "base_model", "data", "only_if_data_changed"} <= set(form)
     assert any(t.get("type") == "number" for t in form["learning_rate"]["anyOf"])
-    assert requests_ok(stack["mlflow"] + "/health")
-
-
-def requests_ok(url: str, timeout: float = 90) -> bool:
-    """True once url answers 200 (the MLflow UI starts after the runner has registered)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=10) as resp:
-                return resp.status == 200
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+    # the MLflow UI starts after the runner has registered the deployments
+    wait_http(stack["mlflow"] + "/health", stack["proc"], "mlflow ui", 90, ready=range(200, 201))
 
 
 def run_and_wait(stack, name: str, parameters: dict, timeout: float = 400) -> dict:
