@@ -34,9 +34,8 @@ def api(base: str, path: str, body: dict | None = None, method: str | None = Non
         return json.loads(resp.read() or b"null")
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, tiny_model_dir):
-    root = tmp_path_factory.mktemp("stack")
+def start_up(root: Path, tiny_model_dir: Path) -> dict:
+    """`llmpipe up` in a new project under `root`, once both deployments are registered."""
     project = make_project(root / "project", tiny_params(tiny_model_dir, learning_rate=3.0e-3))
     prefect_port, mlflow_port = free_port(), free_port()
     env = {
@@ -66,7 +65,7 @@ def stack(tmp_path_factory, tiny_model_dir):
         time.sleep(1)
     else:
         pytest.fail("deployments did not appear: " + (root / "up.log").read_text()[-3000:])
-    yield {
+    return {
         "api": base,
         "project": project,
         "mlflow": f"http://127.0.0.1:{mlflow_port}",
@@ -74,9 +73,22 @@ def stack(tmp_path_factory, tiny_model_dir):
         "proc": proc,
         "log": root / "up.log",
     }
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tiny_model_dir):
+    """One `llmpipe up` for the module's read-only checks (the Ctrl-C test starts its own)."""
+    up = start_up(tmp_path_factory.mktemp("stack"), tiny_model_dir)
+    yield up
+    if up["proc"].poll() is None:
+        os.killpg(up["proc"].pid, signal.SIGINT)
+        up["proc"].wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def ui_run(stack) -> dict:
+    """What the UI's Run button does: a run of `manual` through the REST API, to its end."""
+    return run_and_wait(stack, "manual", {})  # serves the candidate before promoting it
 
 
 def deployments(stack) -> dict[str, dict]:
@@ -110,9 +122,8 @@ def run_and_wait(stack, name: str, parameters: dict, timeout: float = 400) -> di
     pytest.fail(f"flow run {run['id']} still {state['type']}: " + stack["log"].read_text()[-3000:])
 
 
-def test_ui_run_button_runs_the_pipeline_then_schedule_skips_unchanged_data(stack):
-    state = run_and_wait(stack, "manual", {"serve_check": False})
-    assert state["type"] == "COMPLETED", stack["log"].read_text()[-3000:]
+def test_ui_run_button_runs_the_pipeline_then_schedule_skips_unchanged_data(stack, ui_run):
+    assert ui_run["type"] == "COMPLETED", stack["log"].read_text()[-3000:]
     assert json.loads((stack["project"] / "metrics/eval.json").read_text())["perplexity"] > 0
     scheduled = run_and_wait(stack, "retrain-on-new-data", {})
     assert scheduled["type"] == "COMPLETED"
@@ -130,7 +141,7 @@ CHROMIUM_ARGS = [
 ]
 
 
-def test_prefect_ui_shows_the_deployments_and_the_last_run(stack, tmp_path):
+def test_prefect_ui_shows_the_deployments_and_the_last_run(stack, ui_run, tmp_path):
     """Headless Debian chromium opens the UI that `llmpipe up` serves (set LLMPIPE_SCREENSHOTS=DIR
     to keep the pictures the README shows)."""
     import shutil
@@ -158,10 +169,11 @@ def test_prefect_ui_shows_the_deployments_and_the_last_run(stack, tmp_path):
     assert (shots / "prefect-runs.png").stat().st_size > 10_000
 
 
-def test_ctrl_c_stops_every_process(stack):
-    proc = stack["proc"]
+def test_ctrl_c_stops_every_process(tmp_path, tiny_model_dir):
+    own = start_up(tmp_path, tiny_model_dir)
+    proc = own["proc"]
     os.killpg(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=60) == 0
-    for url in (stack["ui"], stack["mlflow"]):
+    for url in (own["ui"], own["mlflow"]):
         with pytest.raises(OSError):
             urllib.request.urlopen(url, timeout=3)
