@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,11 @@ from flows.report import stages_text
 from steps.environment import quiet_offline_env
 from steps.errors import USER_ERROR_EXIT, UserError
 from steps.servers import LOOPBACK, MLFLOW_UI_PORT, PREFECT_PORT
+
+
+def promotion_text(promotion: dict) -> str:
+    verdict = "promoted to champion" if promotion["promoted"] else "not promoted"
+    return f"{verdict}: " + "; ".join(promotion["reasons"])
 
 
 def format_summary(summary: dict, seconds: float) -> str:
@@ -33,6 +39,7 @@ def format_summary(summary: dict, seconds: float) -> str:
         sum(st["seconds"] for st in summary["stages"])
         + reg.get("seconds", 0.0)
         + summary.get("serve", {}).get("seconds", 0.0)
+        + summary.get("promotion", {}).get("seconds", 0.0)
     )
     lines = [
         f"llmpipe run finished in {seconds / 60:.1f} min "
@@ -48,14 +55,14 @@ def format_summary(summary: dict, seconds: float) -> str:
         f"  registry    {reg['model_name']} version {reg['version']}"
         f"{' (new)' if reg['new_version'] else ' (already registered; nothing new)'}"
         f" aliases: {', '.join(reg['aliases']) or 'none'}",
-        f"  promotion   {'promoted to champion' if reg['promote'] else 'not promoted'}: "
-        + "; ".join(reg["reasons"]),
+        f"  promotion   {promotion_text(summary['promotion'])}",
     ]
     serve = summary.get("serve")
     if serve and "completion" in serve:
         lines.append(
             f"  served      {serve['model_uri']}: {serve['prompt']!r} -> "
-            f"{serve['completion'].strip()[:120]!r}"
+            f"{serve['completion'].strip()[:120]!r} (p50 {serve['p50_ms']:.0f} ms, "
+            f"p95 {serve['p95_ms']:.0f} ms over {serve['requests']} requests)"
         )
     elif serve:
         lines.append(f"  served      skipped: {serve['skipped']}")
@@ -69,19 +76,39 @@ def format_summary(summary: dict, seconds: float) -> str:
     return "\n".join(lines)
 
 
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def unwind_on_signals() -> None:
+    """SIGTERM (a service manager, `timeout`, `kill`) and SIGHUP (a closed terminal or SSH session)
+    unwind like Ctrl-C: the running stage's process group is killed, the MLflow run ends FAILED,
+    the workspace lock is released and the temporary Prefect server stops (at exit)."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
+
+
+def stopped(err: KeyboardInterrupt) -> int:
+    how = str(err) or "SIGINT"
+    print(f"error: llmpipe stopped by {how}; the running stage was killed", file=sys.stderr)
+    return 128 + getattr(signal, how, signal.SIGINT)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from flows.finetune import check_inputs, finetune
     from flows.lock import WorkspaceBusy
     from flows.runner import UserInputError
 
     started = time.monotonic()
-    check_inputs(Path.cwd(), args.set or [], write=False)  # fail fast, before Prefect starts
+    check_inputs(Path.cwd(), args.set or [])  # fail fast, before Prefect starts
+    unwind_on_signals()
     try:
         summary = finetune(
             project_dir=".",
             overrides=args.set or [],
             serve_check=not args.no_serve_check,
             only_if_data_changed=args.only_if_data_changed,
+            keep_edits=True,
         )
     except (UserError, UserInputError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -89,6 +116,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except WorkspaceBusy as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as err:
+        return stopped(err)
     print(format_summary(summary, time.monotonic() - started))
     return 0
 
@@ -109,13 +138,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_perplexity(args: argparse.Namespace) -> int:
     import json
 
+    from pydantic import ValidationError
+
     from steps.params import EvaluateParams
     from steps.perplexity import score_file
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # keep stdout/stderr to the result
-    params = EvaluateParams(
-        window=args.window, stride=args.stride or args.window, batch_size=args.batch_size
-    )
+    stride = args.stride or args.window
+    if stride > args.window:
+        raise UserError(f"--stride ({stride}) must not exceed --window ({args.window})")
+    try:
+        params = EvaluateParams(window=args.window, stride=stride, batch_size=args.batch_size)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise UserError(f"--{first['loc'][0].replace('_', '-')}: {first['msg']}") from None
     result = score_file(args.model, Path(args.input), params, Path.cwd(), args.text_field)
     keys = [
         "model",
@@ -149,9 +185,14 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 
 
 def cmd_data_add(args: argparse.Namespace) -> int:
-    from flows.data import add_data
+    from flows.data import DataAddFailed, add_data
+    from flows.lock import WorkspaceBusy
 
-    added = add_data(Path(args.path), Path.cwd(), args.remote)
+    try:
+        added = add_data(Path(args.path), Path.cwd(), args.remote, args.force)
+    except (DataAddFailed, WorkspaceBusy) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(
         f"added {added['path']} ({added['documents']} documents, md5 {added['md5']}), pushed to "
         f"{added['remote']}; prepare.data now points at it: `llmpipe run` trains on it"
@@ -164,21 +205,23 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from flows.sweep import expand_grid, sweep
 
     expand_grid(args.set or [])  # a malformed axis fails before Prefect starts
+    unwind_on_signals()
     try:
         result = sweep(project_dir=".", grid=args.set, serve_check=not args.no_serve_check)
     except (UserError, UserInputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return USER_ERROR_EXIT
+    except KeyboardInterrupt as err:
+        return stopped(err)
     for run in result["runs"]:
         print(
             f"  {' '.join(run['overrides']):<50} perplexity {run['perplexity']:.4f}"
             f"  (version {run['version']})"
         )
-    best, reg = result["best"], result["final"]["register"]
+    best = result["best"]
     print(
         f"sweep {result['sweep_id']}: best {' '.join(best['overrides'])}; "
-        f"{'promoted to champion' if reg['promote'] else 'not promoted'}: "
-        + "; ".join(reg["reasons"])
+        + promotion_text(result["final"]["promotion"])
     )
     print(f"compare the runs in MLflow: filter on tags.sweep = '{result['sweep_id']}'")
     return 0
@@ -201,10 +244,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from flows.deploy import check_schedule
     from flows.stack import up
     from steps.params import load_params
 
-    load_params()  # a broken params.yaml should stop us before three servers start
+    check_schedule(load_params())  # a broken params.yaml should stop us before three servers start
     return up(Path.cwd(), args.prefect_port, args.mlflow_port)
 
 
@@ -221,7 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="edit params.yaml before the run, e.g. -S train.max_steps=100",
     )
-    run.add_argument("--no-serve-check", action="store_true", help="skip the smoke_serve task")
+    run.add_argument(
+        "--no-serve-check",
+        action="store_true",
+        help="skip serving the candidate (then nothing is promoted)",
+    )
     run.add_argument(
         "--only-if-data-changed",
         action="store_true",
@@ -264,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     add = data_sub.add_parser("add", help="validate, copy to data/raw, dvc add, dvc push")
     add.add_argument("path", help="a .txt or .jsonl file")
     add.add_argument("--remote", help="DVC remote URL or directory (default: the configured one)")
+    add.add_argument(
+        "--force", action="store_true", help="replace a different file of the same name"
+    )
     add.set_defaults(func=cmd_data_add)
     return parser
 

@@ -5,25 +5,49 @@
 Validates the file (exists, text, UTF-8, every JSONL line parses, not empty), copies it under
 data/raw/, tracks it with `dvc add`, pushes it to the DVC remote (a local directory by default, or
 whatever `dvc remote add -d` configured) and points `prepare.data` at it, so the next run trains on
-it. Nothing is copied, tracked or edited when the file is rejected.
+it. It holds the workspace lock (never in the middle of a run), refuses to replace a different file
+of the same name without --force (and never replaces the corpus stage's output), prints remote URLs
+without their credentials, and undoes the copy and the tracking when `dvc add` or `dvc push` fails.
+Nothing is copied, tracked or edited when the file is rejected.
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
+import urllib.parse
 from pathlib import Path
 
 import yaml
 
+from flows.lock import workspace_lock
 from flows.runner import dvc_executable, stage_env
 from steps.environment import cache_dir
 from steps.errors import UserError
-from steps.outputs import copy_file
-from steps.params import apply_overrides, load_params
+from steps.outputs import copy_file, write_bytes
+from steps.params import EMBEDDED_CORPUS, apply_overrides, load_params
 from steps.prepare import read_documents
 
 RAW_DIR = Path("data/raw")
 BINARY_SNIFF_BYTES = 8192  # a NUL byte in the first 8 KiB means "not a text file"
+LOCK_WAIT_S = 600  # how long `data add` waits for a run in the project to finish
+
+
+class DataAddFailed(Exception):
+    """DVC could not track or push the file; everything `data add` did was undone."""
+
+
+CREDENTIALS = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.IGNORECASE)
+
+
+def without_credentials(text: str) -> str:
+    """`text` (a remote URL, or a message quoting one) with every URL's user:password@ removed,
+    and a lone URL's query string (where tokens travel), so it is safe to print or log."""
+    text = CREDENTIALS.sub(r"\g<scheme>", text)
+    parts = urllib.parse.urlsplit(text)
+    if parts.scheme and parts.query and " " not in text:
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    return text
 
 
 def default_remote() -> Path:
@@ -48,7 +72,7 @@ def dvc(project: Path, *args: str) -> str:
                           capture_output=True, text=True)  # fmt: skip
     if done.returncode != 0:
         last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(f"dvc {' '.join(args)} failed: {last[0]}")
+        raise RuntimeError(without_credentials(f"dvc {' '.join(args)} failed: {last[0]}"))
     return done.stdout
 
 
@@ -57,31 +81,59 @@ def ensure_remote(project: Path, remote: str | None) -> str:
     if remote:
         dvc(project, "remote", "add", "--default", "--force", "llmpipe", remote)
         return remote
-    remotes = dict(
-        line.split(None, 1) for line in dvc(project, "remote", "list").splitlines() if line
+    # `dvc config --list` prints key=value lines; `dvc remote list` wraps long paths over lines
+    config = dict(
+        line.split("=", 1) for line in dvc(project, "config", "--list").splitlines() if "=" in line
     )
-    if remotes:
-        try:
-            default = dvc(project, "remote", "default").strip()
-        except RuntimeError:  # remotes exist but none is the default: push to the first
-            default = ""
-        return remotes.get(default, next(iter(remotes.values()))).split()[0]
+    remotes = {
+        key.removeprefix("remote.").removesuffix(".url"): url
+        for key, url in config.items()
+        if key.startswith("remote.") and key.endswith(".url")
+    }
+    if remotes:  # the default one, else the first
+        return remotes.get(config.get("core.remote", ""), next(iter(remotes.values())))
     target = default_remote()
     target.mkdir(parents=True, exist_ok=True)
     dvc(project, "remote", "add", "--default", "llmpipe", str(target))
     return str(target)
 
 
-def add_data(source: Path, project: Path, remote: str | None = None) -> dict:
+def add_data(source: Path, project: Path, remote: str | None = None, force: bool = False) -> dict:
     params = load_params(project / "params.yaml")
     documents = validate_text_file(source, params.prepare.text_field)
     dest = project / RAW_DIR / source.name
-    if source.resolve() != dest.resolve():
-        copy_file(source, dest)
     relative = str(dest.relative_to(project))
-    dvc(project, "add", relative)
-    md5 = yaml.safe_load((project / f"{relative}.dvc").read_text())["outs"][0]["md5"]
-    url = ensure_remote(project, remote)
-    dvc(project, "push", f"{relative}.dvc")
-    apply_overrides(project / "params.yaml", [f"prepare.data={relative}"])
-    return {"path": relative, "documents": documents, "md5": md5, "remote": url}
+    if relative == EMBEDDED_CORPUS:
+        raise UserError(f"{relative}: is the corpus stage's output; rename your file")
+    same = dest.is_file() and dest.read_bytes() == source.read_bytes()
+    if dest.exists() and not same and not force:
+        raise UserError(
+            f"{relative}: already exists with other content; rename your file, or pass --force "
+            "to replace it"
+        )
+    with workspace_lock(project, LOCK_WAIT_S, print):
+        previous = dest.read_bytes() if dest.is_file() else None
+        dvc_file = project / f"{relative}.dvc"
+        previous_dvc = dvc_file.read_bytes() if dvc_file.is_file() else None
+        if source.resolve() != dest.resolve():
+            copy_file(source, dest)
+        try:
+            dvc(project, "add", relative)
+            md5 = yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
+            url = ensure_remote(project, remote)
+            dvc(project, "push", f"{relative}.dvc")
+        except RuntimeError as err:
+            undo(dest, previous, dvc_file, previous_dvc)
+            raise DataAddFailed(f"{err}; nothing was added") from None
+        apply_overrides(project / "params.yaml", [f"prepare.data={relative}"])
+    return {"path": relative, "documents": documents, "md5": md5,
+            "remote": without_credentials(url)}  # fmt: skip
+
+
+def undo(dest: Path, previous: bytes | None, dvc_file: Path, previous_dvc: bytes | None) -> None:
+    """Put the data file and its .dvc file back as they were before `data add`."""
+    for path, content in ((dest, previous), (dvc_file, previous_dvc)):
+        if content is None:
+            path.unlink(missing_ok=True)
+        else:
+            write_bytes(path, content)

@@ -14,14 +14,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from steps.errors import UserError
 from steps.params import Params
 
 MANUAL, SCHEDULED = "manual", "retrain-on-new-data"
 
 
+def check_schedule(params: Params) -> None:
+    """schedule.cron must be a cron string Prefect accepts (checked with Prefect's own schema)."""
+    from prefect.client.schemas.schedules import CronSchedule
+    from pydantic import ValidationError
+
+    try:
+        CronSchedule(cron=params.schedule.cron)
+    except ValidationError as err:
+        why = err.errors()[0]["msg"].removeprefix("Value error, ")
+        raise UserError(
+            f"params.yaml: 'schedule.cron': {why}; give five fields, minute hour day month "
+            "weekday (UTC), e.g. '0 3 * * *'"
+        ) from None
+
+
 def build_deployments(project: Path, params: Params) -> list:
     from flows.finetune import finetune
 
+    check_schedule(params)
     manual = finetune.to_deployment(
         name=MANUAL,
         parameters={"project_dir": str(project)},

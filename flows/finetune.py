@@ -1,31 +1,37 @@
-"""The `finetune` flow: the stages of steps/stages.py in order, then register and smoke_serve.
+"""The `finetune` flow: the stages of steps/stages.py in order, then register, prove, promote.
 
     llmpipe run [-S section.key=value ...]      # or: python -m flows.finetune
 
-corpus -> model_source -> base_model -> prepare -> train -> evaluate -> register -> smoke_serve.
+corpus -> model_source -> base_model -> prepare -> train -> evaluate -> register -> smoke_serve
+-> promote. The champion moves last, and only after the gate passed and the candidate served.
 Each is a Prefect task that runs one stage of the table in a subprocess (flows/runner.py): the DVC
 stages through `dvc repro --single-item`, so DVC decides what is up to date (its cache is the
-pipeline's cache); register and smoke_serve, which change MLflow rather than files, as their own
-commands. Timeouts and retries come from the table. User errors fail at once; anything else is
-retried with back-off.
+pipeline's cache); register, smoke_serve and promote, which change MLflow rather than files, as
+their own commands. Timeouts and retries come from the table. User errors fail at once; anything
+else is retried with back-off.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.states import Failed, State
 
 from flows.lock import workspace_lock
 from flows.report import report_markdown
 from flows.runner import UserInputError, run_stage
 from flows.tracking import close_run, data_unchanged_since_champion, open_run, tag_stage_lineage
+from steps.errors import UserError
+from steps.outputs import write_bytes
 from steps.params import EMBEDDED_CORPUS, Params, apply_overrides
-from steps.prepare import read_documents
+from steps.prepare import check_block_size, read_documents, split_documents
 from steps.registry import champion_version
 from steps.stages import STAGE, Stage, dvc_stages
 from steps.tracking import EXPERIMENT, tracking_uri
@@ -59,7 +65,10 @@ def stage_task(
 ) -> dict:
     """Run one stage of the table; DVC skips a DVC stage when nothing it depends on changed."""
     logger = get_run_logger()
-    outcome = run_stage(STAGE[name], Path(project), env, logger.info, extra_args)
+    try:
+        outcome = run_stage(STAGE[name], Path(project), env, logger.info, extra_args)
+    except UserInputError as err:
+        return user_error_state(err)  # one line in the log, no traceback, no retry
     how = "unchanged (DVC cache)" if outcome.skipped else "ran"
     logger.info("%s %s in %.1fs", name, how, outcome.seconds)
     return outcome.to_dict()
@@ -72,21 +81,54 @@ def run_task(
     configured = stage_task.with_options(
         name=stage.name, timeout_seconds=stage.timeout_s, retries=stage.retries
     )
-    return configured(stage.name, str(project), env, extra_args)
+    outcome = configured(stage.name, str(project), env, extra_args)
+    if isinstance(outcome, State):  # the task returned a user error as its Failed state
+        outcome.result()  # raises the UserInputError it carries
+        raise UserInputError(outcome.message)
+    return outcome
 
 
-def check_inputs(project: Path, overrides: list[str], write: bool = True) -> Params:
-    """Check params (with the -S edits) and the data file, then save the edits to params.yaml.
+def user_error_state(err: Exception) -> State:
+    """A user's mistake as a Failed state carrying it: Prefect logs its one line, not a traceback
+    (and the retry condition sees a UserInputError, so it is not retried)."""
+    error = err if isinstance(err, UserInputError) else UserInputError(str(err))
+    return Failed(message=str(error), data=error)
 
-    Runs before anything is written, so a bad key or a bad data file leaves no trace.
-    """
+
+def project_path(project: Path, path: str) -> Path:
+    return Path(path) if Path(path).is_absolute() else project / path
+
+
+def check_inputs(project: Path, overrides: list[str]) -> Params:
+    """Check params with the -S edits (every key, and the checks across keys), the data and
+    reference files, that the data splits into non-empty train and test sets, and the block size
+    against a local base model's maximum positions. Writes nothing: a mistake leaves no trace."""
     params = apply_overrides(project / "params.yaml", overrides, write=False)
-    data = Path(params.prepare.data)
     if params.prepare.data != EMBEDDED_CORPUS:  # the embedded corpus is made by the corpus stage
-        read_documents(data if data.is_absolute() else project / data, params.prepare.text_field)
-    reference = Path(params.evaluate.reference_data)
-    read_documents(reference if reference.is_absolute() else project / reference)
-    return apply_overrides(project / "params.yaml", overrides) if write else params
+        data = project_path(project, params.prepare.data)
+        docs = read_documents(data, params.prepare.text_field)
+        split_documents(docs, params.prepare, Path(params.prepare.data))
+    read_documents(project_path(project, params.evaluate.reference_data))
+    source = project_path(project, params.base_model.source)
+    if (source / "config.json").is_file():
+        check_block_size(params.prepare.block_size, source / "config.json")
+    return params
+
+
+@contextmanager
+def edited_params(project: Path, edits: list[str], keep: bool) -> Iterator[None]:
+    """params.yaml with `edits` for the length of a run (DVC must see them as params); put back as
+    it was when the run fails, and also when it succeeds unless `keep`."""
+    path = project / "params.yaml"
+    before = path.read_bytes()
+    apply_overrides(path, edits)
+    kept = False
+    try:
+        yield
+        kept = keep
+    finally:
+        if not kept and edits:
+            write_bytes(path, before)
 
 
 @flow(name="finetune", log_prints=True)
@@ -103,6 +145,7 @@ def finetune(
     promote: bool = True,
     run_tags: dict[str, str] | None = None,
     workspace_timeout_s: int = 6 * 3600,
+    keep_edits: bool = False,
 ) -> dict:
     """Export the corpus, fine-tune, evaluate, register and smoke-serve; params.yaml holds every
     other knob.
@@ -114,7 +157,9 @@ def finetune(
         data: replaces prepare.data (a .jsonl or .txt file).
         learning_rate: replaces train.learning_rate.
         max_steps: replaces train.max_steps.
-        serve_check: start the MLflow scoring server on the champion and request one completion.
+        serve_check: serve a candidate that passed the gate with the MLflow scoring server and
+            time `serve.smoke_requests` completions before promoting it; without the check
+            nothing is promoted.
         only_if_data_changed: finish at once, running nothing, when the data's DVC hash equals the
             one the champion was trained on (what scheduled retraining uses).
         continue_from_champion: fine-tune the current champion (recorded in params.yaml as
@@ -122,29 +167,62 @@ def finetune(
         promote: apply the promotion gate (a sweep registers its candidates with promote=False).
         run_tags: extra tags on the MLflow run (a sweep tags its runs with its id).
         workspace_timeout_s: how long to wait for another run in the same project to finish.
+        keep_edits: keep the edits in params.yaml after a successful run (what `llmpipe run -S`
+            does); otherwise they apply to this run only. A failed run always puts params.yaml
+            back as it was.
     """
-    project = Path(project_dir).resolve()
-    named = {
-        "base_model.source": base_model,
-        "prepare.data": data,
-        "train.learning_rate": learning_rate,
-        "train.max_steps": max_steps,
-    }
-    edits = [f"{k}={v}" for k, v in named.items() if v is not None] + list(overrides or [])
+    try:
+        return run_finetune(
+            Path(project_dir).resolve(),
+            list(overrides or []),
+            {
+                "base_model.source": base_model,
+                "prepare.data": data,
+                "train.learning_rate": learning_rate,
+                "train.max_steps": max_steps,
+            },
+            serve_check,
+            only_if_data_changed,
+            continue_from_champion,
+            promote,
+            run_tags or {},
+            workspace_timeout_s,
+            keep_edits,
+        )
+    except (UserError, UserInputError) as err:
+        return user_error_state(err)  # finetune() raises it to its caller; no traceback logged
+
+
+def run_finetune(
+    project: Path,
+    overrides: list[str],
+    named: dict[str, object],
+    serve_check: bool,
+    only_if_data_changed: bool,
+    continue_from_champion: bool,
+    promote: bool,
+    run_tags: dict[str, str],
+    workspace_timeout_s: int,
+    keep_edits: bool,
+) -> dict:
+    """The body of the finetune flow (see its docstring for the parameters)."""
+    edits = [f"{k}={v}" for k, v in named.items() if v is not None] + overrides
     uri = tracking_uri(project)
     with workspace_lock(project, workspace_timeout_s, get_run_logger().info):
-        if continue_from_champion:
-            name = check_inputs(project, edits, write=False).registry.model_name
-            champion = champion_version(uri, name)
-            if champion is not None:  # an explicit version, so DVC sees a changed param
-                edits.append(f"base_model.source=models:/{name}/{champion.version}")
         params = check_inputs(project, edits)
         if only_if_data_changed:
             unchanged = data_unchanged_since_champion(uri, project, params)
             if unchanged:
                 get_run_logger().info(unchanged)
                 return {"skipped": unchanged}
-        return run_pipeline(project, params, uri, serve_check, promote, run_tags or {})
+        if continue_from_champion:
+            champion = champion_version(uri, params.registry.model_name)
+            if champion is not None:  # an explicit version, so DVC sees a changed param
+                name = params.registry.model_name
+                edits.append(f"base_model.source=models:/{name}/{champion.version}")
+                params = check_inputs(project, edits)
+        with edited_params(project, edits, keep=keep_edits):
+            return run_pipeline(project, params, uri, serve_check, promote, run_tags)
 
 
 def run_pipeline(
@@ -181,19 +259,50 @@ def run_pipeline(
                 summary["lineage"] |= tag_stage_lineage(uri, run_id, project, params, stage)
         metrics_file = project / STAGE["evaluate"].path("metrics")
         summary["metrics"] = json.loads(metrics_file.read_text())
-        flags = () if promote else ("--no-promote",)
-        summary["register"] = task_facts(run_task(STAGE["register"], project, env, flags))
+        summary["register"] = task_facts(
+            run_task(STAGE["register"], project, env, () if promote else ("--no-promote",))
+        )
+        summary["serve"], summary["promotion"] = prove_and_promote(
+            project, env, summary["register"], serve_check
+        )
         create_markdown_artifact(
             report_markdown(summary, project),
             key="finetune-report",
             description="data, base vs tuned metrics, promotion decision, links",
         )
-        if serve_check:
-            summary["serve"] = task_facts(run_task(STAGE["smoke_serve"], project, env))
         ok = True
     finally:
         close_run(uri, run_id, ok)
     return summary
+
+
+def prove_and_promote(
+    project: Path, env: dict[str, str], reg: dict, serve_check: bool
+) -> tuple[dict, dict]:
+    """Serve a candidate that passed the gate, then move `champion` to it (compare-and-set against
+    the champion the gate saw). Any failure before the move leaves `champion` where it was."""
+    reasons = list(reg["reasons"])
+    if not reg["promote"]:
+        return {"skipped": "the gate did not pass; nothing to prove"}, {
+            "promoted": False,
+            "reasons": reasons,
+        }
+    if not serve_check:
+        reasons.append("not promoted without the serving check (--no-serve-check)")
+        return {"skipped": "--no-serve-check"}, {"promoted": False, "reasons": reasons}
+    candidate = f"models:/{reg['model_name']}/{reg['version']}"
+    served = task_facts(run_task(STAGE["smoke_serve"], project, env, ("--model-uri", candidate)))
+    reasons.append(served["verdict"])
+    if not served["within_budget"]:
+        return served, {"promoted": False, "reasons": reasons}
+    expected = ("--expected-champion", reg["champion_before"])
+    moved = task_facts(
+        run_task(STAGE["promote"], project, env, ("--version", reg["version"], *expected))
+    )
+    if moved["promoted"]:
+        reg["aliases"] = sorted({*reg["aliases"], "champion"})
+    promotion = {"promoted": moved["promoted"], "reasons": reasons + moved["reasons"]}
+    return served, {**promotion, "seconds": moved["seconds"]}
 
 
 def task_facts(outcome: dict) -> dict:

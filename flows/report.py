@@ -17,7 +17,7 @@ def stages_text(stages: list[dict]) -> str:
 
 
 def report_markdown(summary: dict, project: Path) -> str:
-    m, reg = summary["metrics"], summary["register"]
+    m, reg, promotion = summary["metrics"], summary["register"], summary["promotion"]
     stats = json.loads((project / STAGE["prepare"].path("out") / "stats.json").read_text())
     ui = f"http://{LOOPBACK}:{MLFLOW_UI_PORT}"
     lineage = summary.get("lineage", {})
@@ -42,10 +42,10 @@ def report_markdown(summary: dict, project: Path) -> str:
         f"| {m['reference_perplexity']:.3f} |",
         "",
         "## Promotion",
-        f"**{'promoted to champion' if reg['promote'] else 'not promoted'}** "
+        f"**{'promoted to champion' if promotion['promoted'] else 'not promoted'}** "
         f"({reg['model_name']} version {reg['version']}, "
         f"aliases: {', '.join(reg['aliases']) or 'none'})",
-        *[f"- {reason}" for reason in reg["reasons"]],
+        *[f"- {reason}" for reason in promotion["reasons"]],
         "",
         "## Links",
         f"- MLflow run `{summary['mlflow_run_id']}` in experiment `llmpipe` "

@@ -10,9 +10,7 @@ retried); any other failure is worth a retry.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +21,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from steps.environment import quiet_offline_env
+from steps.executables import interpreter_bin, with_interpreter_on_path
 from steps.outcome import OUTCOME_ENV, read_outcome
+from steps.servers import stop_process_group
 from steps.stages import Stage, command
 
 
@@ -47,25 +47,24 @@ class StageOutcome:
         return asdict(self)
 
 
-def venv_bin() -> Path:
-    return Path(sys.executable).parent
-
-
 def stage_env(extra: dict[str, str]) -> dict[str, str]:
     """The environment of a stage: quiet and offline, this interpreter first on PATH (so `python`
     in dvc.yaml is ours), plus `extra`."""
-    env = {**quiet_offline_env(), **extra}
-    env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
-    return env
+    return with_interpreter_on_path({**quiet_offline_env(), **extra})
 
 
 def dvc_executable() -> str:
-    local = venv_bin() / "dvc"
+    local = interpreter_bin() / "dvc"
     return str(local) if local.exists() else (shutil.which("dvc") or "dvc")
 
 
+STOP_GRACE_S = 10  # after SIGTERM, how long a stage may take to stop what it started
+
+
 def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Callable[[str], None]):
-    """Run cmd, passing each output line to `log`; kill its process group if we are interrupted."""
+    """Run cmd, passing each output line to `log`; stop its process group if we are interrupted
+    (a signal, a task timeout): SIGTERM first, so a step can stop the servers it started, then
+    SIGKILL after STOP_GRACE_S."""
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, errors="replace", start_new_session=True)  # fmt: skip
     tail: deque[str] = deque(maxlen=40)
@@ -77,9 +76,8 @@ def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Callable[[st
             log(line)
         return proc.wait(), list(tail)
     finally:
-        if proc.poll() is None:  # timeout or Ctrl-C: take the whole stage down with us
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        if proc.poll() is None:  # timeout or a signal: take the whole stage down with us
+            stop_process_group(proc, grace=STOP_GRACE_S)
 
 
 def stage_command(stage: Stage, extra_args: tuple[str, ...] = ()) -> list[str]:

@@ -60,6 +60,7 @@ def sweep(project_dir: str = ".", grid: list[str] | None = None, serve_check: bo
             project_dir=project_dir,
             overrides=combo,
             promote=False,
+            keep_edits=True,
             serve_check=False,
             run_tags={"sweep": sweep_id},
         )
@@ -75,6 +76,7 @@ def sweep(project_dir: str = ".", grid: list[str] | None = None, serve_check: bo
     final = finetune(
         project_dir=project_dir,
         overrides=best["overrides"],
+        keep_edits=True,
         serve_check=serve_check,
         run_tags={"sweep": sweep_id, "sweep_best": "true"},
     )

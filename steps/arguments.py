@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from steps.errors import UserError
 from steps.params import PARAMS_FILE
@@ -23,11 +24,11 @@ class StageArguments:
     def __init__(self, values: dict[str, Path | bool]) -> None:
         self._values = values
 
-    def __getattr__(self, name: str) -> Path:
+    def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
         try:
-            return self._values[name]  # type: ignore[return-value]
+            return self._values[name]
         except KeyError:
             option = "--" + name.replace("_", "-")
             raise UserError(
@@ -36,10 +37,13 @@ class StageArguments:
             ) from None
 
 
-def stage_arguments(argv: Sequence[str] | None = None, flags: Sequence[str] = ()) -> StageArguments:
-    """Parse `--name PATH` pairs (and the given `flags`); `--params` defaults to params.yaml."""
+def stage_arguments(
+    argv: Sequence[str] | None = None, flags: Sequence[str] = (), text: Sequence[str] = ()
+) -> StageArguments:
+    """Parse `--name PATH` pairs (and the given `flags`); `--params` defaults to params.yaml.
+    Options named in `text` (a model version, a models:/ URI) keep their value as a string."""
     tokens = list(sys.argv[1:] if argv is None else argv)
-    values: dict[str, Path | bool] = {"params": Path(PARAMS_FILE)}
+    values: dict[str, Path | bool | str] = {"params": Path(PARAMS_FILE)}
     values |= {flag[2:].replace("-", "_"): False for flag in flags}
     while tokens:
         token = tokens.pop(0)
@@ -49,7 +53,8 @@ def stage_arguments(argv: Sequence[str] | None = None, flags: Sequence[str] = ()
         if token in flags:
             values[name] = True
         elif not tokens or tokens[0].startswith("--"):
-            raise UserError(f"{token} needs a path")
+            raise UserError(f"{token} needs a value")
         else:
-            values[name] = Path(tokens.pop(0))
+            value = tokens.pop(0)
+            values[name] = value if name in text else Path(value)
     return StageArguments(values)

@@ -29,7 +29,7 @@ from steps.params import EvaluateParams, load_params
 from steps.plots import write_figure, write_perplexity_csv
 from steps.prepare import read_documents
 from steps.samples import complete_prompts, sample_prompts
-from steps.scoring import check_window, heldout_texts, load_metric, load_model, perplexity
+from steps.scoring import heldout_texts, load_metric, load_model, perplexity
 from steps.tracking import log_to_flow_run
 
 
@@ -70,7 +70,6 @@ def compare(base: dict, tuned: dict, split_hash: str) -> dict:
 
 def run(params: EvaluateParams, args) -> dict:
     """Score base and tuned; write metrics, samples, plots; log them to the flow's run."""
-    check_window(params)
     reference = read_documents(args.reference)
     texts, split_hash = heldout_texts(args.prepared)
     prompts = sample_prompts(texts, params.samples)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -31,8 +32,15 @@ def _record(status: str, started: float, **fields: Any) -> None:
         write_json(path, {"status": status, "seconds": time.perf_counter() - started, **fields})
 
 
+def exit_on_sigterm(signum: int, frame: object) -> None:
+    """SIGTERM (the flow stopping this stage) unwinds: `finally` blocks run, so a server the step
+    started is stopped rather than orphaned."""
+    raise SystemExit(128 + signum)
+
+
 def run_main(main: Callable[[], dict[str, Any] | None]) -> None:
     """Run a step's main(); record its outcome; a UserError becomes one line on stderr, exit 2."""
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     started = time.perf_counter()
     try:
         facts = main() or {}

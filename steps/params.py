@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from steps.errors import UserError
 from steps.outcome import run_main
@@ -78,6 +78,14 @@ class EvaluateParams(_Section):
     samples: int = Field(3, ge=0, le=50, description="prompts cut from held-out documents")
     sample_tokens: int = Field(32, ge=1, le=1024, description="tokens generated per sample")
 
+    @model_validator(mode="after")
+    def _stride_within_window(self) -> EvaluateParams:
+        if self.stride > self.window:
+            raise ValueError(
+                f"evaluate.stride ({self.stride}) must not exceed evaluate.window ({self.window})"
+            )
+        return self
+
 
 class RegisterParams(_Section):
     model_name: str = Field("llmpipe", min_length=1, description="registered model name")
@@ -100,6 +108,12 @@ class ScheduleParams(_Section):
 class ServeParams(_Section):
     host: str = Field("127.0.0.1", description="bind address; 0.0.0.0 exposes the model")
     port: int = Field(5001, ge=1, le=65535)
+    smoke_requests: int = Field(
+        5, ge=1, le=100, description="completions asked of a candidate before it is promoted"
+    )
+    max_p95_ms: float | None = Field(
+        None, gt=0, description="latency budget: p95 of the smoke requests, ms (none: no budget)"
+    )
 
 
 class Params(_Section):
@@ -121,6 +135,8 @@ def _format_errors(source: str, err: ValidationError) -> str:
         key = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
             problems.append(f"unknown key '{key}' ({_known_keys_hint(e['loc'])})")
+        elif e["type"] == "value_error" and not isinstance(e.get("input"), str | int | float):
+            problems.append(e["msg"].removeprefix("Value error, "))  # a check across keys
         else:
             problems.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
     return f"{source}: " + "; ".join(problems)

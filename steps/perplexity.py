@@ -12,7 +12,7 @@ from pathlib import Path
 from steps.errors import UserError
 from steps.params import EvaluateParams
 from steps.prepare import read_documents
-from steps.scoring import check_window, load_metric, load_model, perplexity
+from steps.scoring import load_metric, load_model, perplexity
 
 
 def score_file(
@@ -24,7 +24,6 @@ def score_file(
         raise UserError(
             f"--model {model}: no config.json there; give a model directory or models:/NAME@ALIAS"
         )
-    check_window(params, ("--stride", "--window"))
     texts = read_documents(input_file, text_field)
     if model.startswith("models:/"):
         import mlflow

@@ -91,6 +91,16 @@ def split_documents(docs: list[str], params: PrepareParams, source: Path) -> dic
     return splits
 
 
+def check_block_size(block_size: int, config_file: Path) -> None:
+    """A block longer than the model's maximum positions cannot be trained on: say so up front."""
+    limit = json.loads(config_file.read_text()).get("max_position_embeddings")
+    if limit is not None and block_size > limit:
+        raise UserError(
+            f"prepare.block_size ({block_size}) exceeds the base model's maximum positions "
+            f"({limit}, {config_file}); lower prepare.block_size"
+        )
+
+
 def pack_sequences(docs_ids: list[list[int]], eos_id: int, block_size: int) -> list[list[int]]:
     """Concatenate documents with EOS after each and cut into full blocks; the tail is dropped."""
     stream = [tok for ids in docs_ids for tok in [*ids, eos_id]]
@@ -143,6 +153,7 @@ def prepare(params: PrepareParams, data: Path, tokenizer, out_dir: Path) -> dict
 def run(params: PrepareParams, data: Path, base_model: Path, out: Path) -> dict:
     from transformers import AutoTokenizer
 
+    check_block_size(params.block_size, base_model / "config.json")
     stats = prepare(params, data, AutoTokenizer.from_pretrained(base_model), out)
     print(
         f"prepare: {data}: train {stats['train']['documents']} docs / "

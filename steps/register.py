@@ -5,11 +5,13 @@
 
 Logs the tuned model with the MLflow transformers flavor as `llm/v1/completions` (OpenAI-style
 payloads) into the flow's run, registers a new version tagged with its lineage, and points
-`challenger` at it. The gate (steps/gate.py) moves `champion` only when the upper end of the new
-model's 95% bootstrap interval beats the base model's and the current champion's perplexity on the
-same test split, by `register.min_improvement`; a champion measured on another split is re-scored
-through steps/scoring.py, exactly as the candidate was. A model already registered (same DVC hash
-of the tuned model) is not registered twice.
+`challenger` at it. Then it applies the gate (steps/gate.py): the upper end of the new model's 95%
+bootstrap interval must beat the base model's and the current champion's perplexity on the same
+test split, by `register.min_improvement`; a champion measured on another split is re-scored through
+steps/scoring.py, exactly as the candidate was. It does not move `champion`: the flow serves the
+candidate first (smoke_serve) and only then promotes it (steps/promote.py), against the champion
+this step saw. A model already registered (same DVC hash of the tuned model) is not registered
+twice.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from steps.gate import Decision, promotion_decision
 from steps.lineage import git_sha, stage_lineage
 from steps.outcome import run_main
 from steps.params import EvaluateParams, Params, load_params
+from steps.promote import NO_CHAMPION
 from steps.registry import CHAMPION, alias_version, find_version_by_tag, log_and_register
 from steps.scoring import heldout_texts, load_metric, load_model, perplexity
 from steps.tracking import flow_run
@@ -58,11 +61,11 @@ def champion_perplexity(champion, name: str, prepared: Path, split_hash: str, pa
     return perplexity(load_metric(), model, tokenizer, texts, params)["perplexity"]
 
 
-def decide(client, name: str, mv, metrics: dict, prepared: Path, params: Params) -> Decision:
-    """Apply the promotion gate to version `mv`, and move `champion` to it if it passes."""
+def decide(client, name: str, mv, metrics: dict, prepared: Path, params: Params):
+    """The gate's decision on version `mv`, and the champion it was compared with (or None)."""
     champion = alias_version(client, name, CHAMPION)
     if champion is not None and champion.version == mv.version:
-        return Decision(False, [f"version {mv.version} is already the champion"])
+        return Decision(False, [f"version {mv.version} is already the champion"]), champion
     ev: EvaluateParams = params.evaluate
     champ_ppl = (
         None
@@ -77,9 +80,7 @@ def decide(client, name: str, mv, metrics: dict, prepared: Path, params: Params)
         metrics.get("forgetting"),
         params.registry.max_forgetting,
     )
-    if decision.promote:
-        client.set_registered_model_alias(name, CHAMPION, mv.version)
-    return decision
+    return decision, champion
 
 
 def register(
@@ -90,7 +91,8 @@ def register(
     prepared: Path,
     promote: bool = True,
 ) -> dict:
-    """Register `tuned_model` (unless already registered) and apply the promotion gate."""
+    """Register `tuned_model` (unless already registered) and apply the promotion gate (the alias
+    moves later, in steps/promote.py)."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -108,21 +110,24 @@ def register(
     mv = find_version_by_tag(client, name, "model_hash", tags["model_hash"])
     new = mv is None
     if new:
-        mv = log_and_register(uri, run_id, name, tuned_model, tags)
+        mv = log_and_register(uri, name, tuned_model, tags)
         print(f"register: {name} version {mv.version} (challenger)")
     else:
         print(f"register: this model is already {name} version {mv.version}; nothing registered")
+    champion = alias_version(client, name, CHAMPION)
     if promote:
-        decision = decide(client, name, mv, metrics, prepared, params)
+        decision, champion = decide(client, name, mv, metrics, prepared, params)
     else:
         decision = Decision(False, ["sweep candidate: the best of the sweep is promoted after it"])
+    client.set_model_version_tag(name, mv.version, "gate", "; ".join(decision.reasons))
     aliases = client.get_model_version(name, mv.version).aliases
-    print(f"register: promote={decision.promote}: " + "; ".join(decision.reasons))
+    print(f"register: gate passed={decision.promote}: " + "; ".join(decision.reasons))
     return {
         "model_name": name,
         "version": str(mv.version),
         "new_version": new,
         "aliases": sorted(aliases),
+        "champion_before": NO_CHAMPION if champion is None else str(champion.version),
         **asdict(decision),
         "tags": tags,
     }

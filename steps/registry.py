@@ -10,6 +10,8 @@ from __future__ import annotations
 from importlib.metadata import version
 from pathlib import Path
 
+from steps.tracking import inside_flow_run
+
 CHAMPION, CHALLENGER = "champion", "challenger"
 SERVING_PACKAGES = ("mlflow", "transformers", "torch", "accelerate", "safetensors", "tokenizers")
 INPUT_EXAMPLE = {"prompt": "The for statement", "max_tokens": 32}
@@ -58,9 +60,9 @@ def pip_requirements() -> list[str]:
     return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in SERVING_PACKAGES]
 
 
-def log_and_register(uri: str, run_id: str, name: str, model_dir: Path, tags: dict[str, str]):
-    """Log `model_dir` into run `run_id` (transformers flavor, OpenAI-style completions), register
-    it as a new version of `name` with `tags`, and point `challenger` at it."""
+def log_and_register(uri: str, name: str, model_dir: Path, tags: dict[str, str]):
+    """Log `model_dir` into the flow's run (transformers flavor, OpenAI-style completions),
+    register it as a new version of `name` with `tags`, and point `challenger` at it."""
     import mlflow
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -71,8 +73,7 @@ def log_and_register(uri: str, run_id: str, name: str, model_dir: Path, tags: di
         "model": AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True),
         "tokenizer": AutoTokenizer.from_pretrained(model_dir),
     }
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
+    with inside_flow_run():
         info = mlflow.transformers.log_model(
             transformers_model=components,
             name="model",

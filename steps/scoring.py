@@ -52,10 +52,3 @@ def heldout_texts(prepared: Path) -> tuple[list[str], str]:
         )
     stats = json.loads((prepared / "stats.json").read_text())
     return list(load_from_disk(str(prepared / "test"))["text"]), stats["test_split_hash"]
-
-
-def check_window(params: EvaluateParams, names: tuple[str, str] = ("evaluate.stride", "window")):
-    if params.stride > params.window:
-        raise UserError(
-            f"{names[0]} ({params.stride}) must not exceed {names[1]} ({params.window})"
-        )

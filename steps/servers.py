@@ -6,6 +6,7 @@ that `llmpipe serve`, the smoke check, `llmpipe up` and the benchmarks share.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -26,6 +27,17 @@ def free_port(host: str = LOOPBACK) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def ensure_port_free(host: str, port: int, hint: str) -> None:
+    """UserError naming the address when something already listens on it."""
+    from steps.errors import UserError
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as err:
+            raise UserError(f"{host}:{port} is not available ({err.strerror}); {hint}") from None
 
 
 def wait_http(
@@ -60,16 +72,29 @@ def wait_http(
     raise TimeoutError(f"{name} did not answer {url} within {timeout:.0f}s{where}")
 
 
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def stop_process_group(proc: subprocess.Popen, grace: float = 15) -> None:
-    """SIGTERM the process group that `proc` leads (started with start_new_session=True), and
-    SIGKILL it after `grace` seconds."""
-    if proc.poll() is not None:
-        return
+    """Stop the process group that `proc` leads (started with start_new_session=True): SIGTERM to
+    every member, then SIGKILL to what is left after `grace` seconds. Returns once the leader is
+    reaped and the group is gone (or killed)."""
     try:
         os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
     except ProcessLookupError:
         proc.wait()
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader, so it does not keep the group alive as a zombie
+        if proc.returncode is not None and not group_alive(proc.pid):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -9,8 +9,8 @@ deps are its inputs plus every project module its module imports, directly or no
 the imports): edit steps/prepare.py and DVC re-runs every stage that reads documents through it.
 The flow (flows/finetune.py) runs the stages in this order with these timeouts and retries; a step's
 main() reads its paths from that command line (steps/arguments.py) and never imports this table, so
-editing one row re-runs only the stage whose command or deps it changes. register and smoke_serve
-change MLflow, not files: they are flow tasks with no DVC stage (`dvc=False`).
+editing one row re-runs only the stage whose command or deps it changes. register, smoke_serve and
+promote change MLflow, not files: they are flow tasks with no DVC stage (`dvc=False`).
 """
 
 from __future__ import annotations
@@ -150,9 +150,16 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "smoke_serve",
         "steps.serve",
-        params=("register",),
+        params=("register", "serve"),
         timeout_s=1200,
         retries=1,
+        dvc=False,
+    ),
+    Stage(
+        "promote",
+        "steps.promote",
+        params=("register",),
+        timeout_s=600,
         dvc=False,
     ),
 )

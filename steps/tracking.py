@@ -7,6 +7,8 @@ A stage logs into the flow's MLflow run only when the flow handed it the run's i
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 EXPERIMENT = "llmpipe"
@@ -19,6 +21,13 @@ def tracking_uri(project: Path) -> str:
         os.environ.get("MLFLOW_TRACKING_URI")
         or f"sqlite:///{Path(project).resolve() / TRACKING_DB}"
     )
+
+
+def registry_exists(uri: str) -> bool:
+    """False for a sqlite tracking URI whose file does not exist yet (asking MLflow would create
+    it); True otherwise (a server, or an existing file)."""
+    prefix = "sqlite:///"
+    return not uri.startswith(prefix) or Path(uri[len(prefix) :]).is_file()
 
 
 def flow_run() -> tuple[str, str] | None:
@@ -49,3 +58,30 @@ def log_to_flow_run(
         client.log_artifact(run_id, str(path))
     if table is not None:
         client.log_table(run_id, data=table[0], artifact_file=table[1])
+
+
+@contextmanager
+def inside_flow_run() -> Iterator[str | None]:
+    """Make the flow's MLflow run this process's active run, for libraries that log through
+    MLflow's fluent API (the Trainer's MLflow callback, mlflow.transformers.log_model); yields its
+    id (None outside a flow: nothing is logged).
+
+    The run is left RUNNING on exit: the flow, not a stage, ends it. (Resumed the usual way, through
+    MLFLOW_RUN_ID, the Trainer's callback ends the flow's run when training ends, and then starts a
+    stray new run for the metrics that come after.)
+    """
+    run = flow_run()
+    if run is None:
+        yield None
+        return
+    import mlflow
+
+    uri, run_id = run
+    saved = os.environ.pop("MLFLOW_RUN_ID")
+    mlflow.set_tracking_uri(uri)
+    mlflow.start_run(run_id=run_id)
+    try:
+        yield run_id
+    finally:
+        mlflow.end_run(status="RUNNING")
+        os.environ["MLFLOW_RUN_ID"] = saved

@@ -29,6 +29,7 @@ from steps.errors import UserError
 from steps.outcome import run_main
 from steps.outputs import atomic_dir, atomic_file, write_json
 from steps.params import TrainParams, load_params
+from steps.tracking import inside_flow_run, log_to_flow_run
 
 
 def use_bf16(precision: str) -> bool:
@@ -44,11 +45,35 @@ def causal_lm_batch(features: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def run_fingerprint(params: TrainParams, data_dir: Path, base_dir: Path) -> str:
-    """Identifies the inputs of a training run, so a checkpoint is resumed only by the same run."""
+    """Identifies the inputs of a training run (params, data, the base model's config and weights),
+    so a checkpoint is resumed only by the same run: another model of the same shape starts over."""
     h = hashlib.sha256(params.model_dump_json().encode())
     for f in (data_dir / "stats.json", base_dir / "config.json"):
         h.update(f.read_bytes() if f.is_file() else b"")
+    for weights in sorted(base_dir.glob("*.safetensors")):  # ~1 s per GB
+        with weights.open("rb") as f:
+            h.update(hashlib.file_digest(f, "md5").digest())
     return h.hexdigest()[:12]
+
+
+def last_complete_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint whose trainer_state.json (written last) says it reached its step;
+    newer, incomplete ones (a stage killed while saving) are removed, so neither the resume nor the
+    Trainer's rotation of old checkpoints can pick them."""
+    if not ckpt_dir.is_dir():
+        return None
+    found = [p for p in ckpt_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()]
+    for ckpt in sorted(found, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        state = ckpt / "trainer_state.json"
+        try:
+            complete = json.loads(state.read_text())["global_step"] == int(ckpt.name.split("-")[-1])
+        except (OSError, ValueError, KeyError):
+            complete = False
+        if complete:
+            return ckpt
+        print(f"train: {ckpt} is incomplete (killed while saving?); removing it")
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return None
 
 
 def training_arguments(params: TrainParams, output_dir: Path):
@@ -92,7 +117,7 @@ def train(
     """Fine-tune `base_dir` on `data_dir`; write the model, its metrics and its loss curve."""
     from datasets import load_from_disk
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
-    from transformers.trainer_utils import get_last_checkpoint
+    from transformers.integrations import MLflowCallback
 
     if not (data_dir / "train").is_dir():
         raise UserError(
@@ -103,7 +128,7 @@ def train(
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True)
     ckpt_dir = checkpoints / f"train-{run_fingerprint(params, data_dir, base_dir)}"
-    resume = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    resume = last_complete_checkpoint(ckpt_dir)
     if resume:
         print(f"train: resuming from {resume}")
     trainer = Trainer(
@@ -113,8 +138,10 @@ def train(
         data_collator=causal_lm_batch,
     )
     started = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=resume)
+    with inside_flow_run():  # the Trainer's MLflow callback logs the loss curve into the flow's run
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.perf_counter() - started
+    trainer.remove_callback(MLflowCallback)  # it would open a stray run for the evaluation
     metrics = {
         "train_loss": result.training_loss,
         "steps": result.global_step,
@@ -126,6 +153,7 @@ def train(
     }
     if len(validation):
         metrics["eval_loss"] = trainer.evaluate(eval_dataset=validation)["eval_loss"]
+        log_to_flow_run(metrics={"eval_loss": metrics["eval_loss"]})
     with atomic_dir(out_dir) as tmp:
         trainer.save_model(str(tmp))
         tokenizer.save_pretrained(tmp)

@@ -41,8 +41,9 @@ def test_default_pipeline_lowers_heldout_perplexity(tmp_path, monkeypatch, prefe
     assert summary["register"]["promote"] is gate_passed, summary["register"]["reasons"]
     version = MlflowClient(uri).get_model_version("llmpipe", summary["register"]["version"])
     assert version.tags["base_model"] == "smollm2-gguf" and "challenger" in version.aliases
-    if gate_passed:
-        assert "champion" in version.aliases
-        assert summary["serve"]["completion"].strip()  # the real model answered over HTTP
+    if gate_passed:  # served over HTTP first, then promoted
+        assert summary["serve"]["completion"].strip()  # the real model answered
+        assert summary["promotion"]["promoted"] and "champion" in version.aliases
     else:
-        assert summary["serve"]["skipped"] == "llmpipe has no champion yet"
+        assert summary["serve"]["skipped"] == "the gate did not pass; nothing to prove"
+        assert not summary["promotion"]["promoted"] and "champion" not in version.aliases

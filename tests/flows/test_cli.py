@@ -15,11 +15,14 @@ SUMMARY = {
                 "perplexity_ci_low": 8.0, "perplexity_ci_high": 9.9,
                 "base_reference_perplexity": 22.7, "reference_perplexity": 25.6,
                 "forgetting": 0.129},
-    "register": {"model_name": "llmpipe", "version": "3", "new_version": False,
-                 "aliases": ["challenger", "champion"], "promote": False,
-                 "reasons": ["version 3 is already the champion"], "seconds": 20.0},
-    "serve": {"model_uri": "models:/llmpipe@champion", "prompt": "p", "completion": " done ",
-              "seconds": 10.0},
+    "register": {"model_name": "llmpipe", "version": "4", "new_version": True,
+                 "aliases": ["challenger", "champion"], "promote": True,
+                 "reasons": ["beats the base model"], "seconds": 20.0},
+    "serve": {"model_uri": "models:/llmpipe/4", "prompt": "p", "completion": " done ",
+              "p50_ms": 812.4, "p95_ms": 1203.0, "requests": 5, "seconds": 10.0},
+    "promotion": {"promoted": True, "seconds": 3.0,
+                  "reasons": ["beats the base model", "served 5 completions",
+                              "champion moved from 3 to version 4"]},
     "tracking_uri": "sqlite:///mlflow.db",
     "serve_port": 5123,
 }  # fmt: skip
@@ -27,12 +30,14 @@ SUMMARY = {
 
 def test_summary_reports_orchestration_share_perplexity_and_registry():
     text = format_summary(SUMMARY, 450.0)
-    assert "orchestration 15 s = 3.3%" in text  # 450 - (405 + 20 + 10)
+    assert "orchestration 12 s = 2.7%" in text  # 450 - (405 + 20 + 10 + 3)
     assert "prepare cached · train 400s" in text
     assert "base 13.700 -> tuned 9.600 (-29.9%)" in text
-    assert "version 3 (already registered; nothing new)" in text
-    assert "not promoted: version 3 is already the champion" in text
-    assert "'p' -> 'done'" in text
+    assert "version 4 (new) aliases: challenger, champion" in text
+    assert (
+        "promoted to champion: beats the base model; served 5 completions; champion moved" in text
+    )
+    assert "'p' -> 'done' (p50 812 ms, p95 1203 ms over 5 requests)" in text
     assert "champion on http://127.0.0.1:5123" in text  # serve.port, not a hard-coded port
 
 

@@ -76,3 +76,65 @@ def test_bad_files_are_rejected_in_one_line_and_leave_no_trace(
     assert len(lines) == 1 and re.search(expected, lines[0]), done.stderr
     assert not list((project / "data/raw").glob(f"{name}*"))
     assert (project / "params.yaml").read_bytes() == params_before
+
+
+def jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def test_a_different_file_of_the_same_name_needs_force(project, tmp_path):
+    (tmp_path / "a").mkdir()
+    first = jsonl(tmp_path / "a" / "notes.jsonl", ["first version"] * 3)
+    assert data_add(project, str(first)).returncode == 0
+    (tmp_path / "b").mkdir()
+    second = jsonl(tmp_path / "b" / "notes.jsonl", ["second version"] * 3)
+    refused = data_add(project, str(second))
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == (
+        "error: data/raw/notes.jsonl: already exists with other content; rename your file, "
+        "or pass --force to replace it"
+    )
+    assert (project / "data/raw/notes.jsonl").read_bytes() == first.read_bytes()
+    assert data_add(project, str(first)).returncode == 0  # the same content again is fine
+    forced = data_add(project, str(second), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert (project / "data/raw/notes.jsonl").read_bytes() == second.read_bytes()
+
+
+def test_the_corpus_stage_output_is_never_replaced(project, tmp_path):
+    mine = jsonl(tmp_path / "pydoc_topics.jsonl", ["my own topics"] * 3)
+    done = data_add(project, str(mine), "--force")
+    assert done.returncode == 2
+    assert "data/raw/pydoc_topics.jsonl: is the corpus stage's output; rename your file" in (
+        done.stderr
+    )
+
+
+def test_a_failed_push_undoes_everything_and_prints_no_credentials(project, tmp_path):
+    src = jsonl(tmp_path / "tickets.jsonl", ["reset the router"] * 3)
+    params_before = (project / "params.yaml").read_bytes()
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the remote's directory should be")
+    remote = f"{blocked}/remote"  # pushing there fails: its parent is a file
+    done = data_add(project, str(src), "--remote", remote)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: dvc push"), done.stderr
+    assert lines[0].endswith("; nothing was added")
+    assert not (project / "data/raw/tickets.jsonl").exists()
+    assert not (project / "data/raw/tickets.jsonl.dvc").exists()
+    assert (project / "params.yaml").read_bytes() == params_before
+
+
+@pytest.mark.unit
+def test_remote_urls_are_printed_without_credentials():
+    from flows.data import without_credentials
+
+    assert (
+        without_credentials("https://bob:s3cret@dvc.example/store") == "https://dvc.example/store"
+    )
+    assert without_credentials("s3://bucket/path?X-Amz-Signature=abc") == "s3://bucket/path"
+    assert without_credentials("/srv/dvc-remote") == "/srv/dvc-remote"
+    message = "dvc push failed: unable to reach https://bob:s3cret@dvc.example/store"
+    assert "s3cret" not in without_credentials(message)

@@ -1,8 +1,8 @@
 """Whole flow on the tiny model: real Prefect (test server), real DVC, MLflow on sqlite, real HTTP.
 
-One first run makes a golden project that the read-only tests inspect; every test that changes a
-project (a re-run, a param edit, new data, a user error) gets its own copy of it, so the tests run
-alone or in any order.
+One first run makes the golden project (tests/flows/conftest.py) that the read-only tests inspect;
+every test that changes a project (a re-run, a param edit, new data, a user error) gets its own copy
+of it, so the tests run alone or in any order.
 """
 
 from __future__ import annotations
@@ -18,41 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.workloads import make_project
 from steps.stages import STAGE, command, dvc_stages, interpolate
 
 pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
 DVC_ENV = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-
-
-@pytest.fixture(scope="module")
-def golden(tmp_path_factory, tiny_model_dir, prefect_server) -> tuple[Path, dict]:
-    """A project after one full run (stages, register, smoke-serve): (directory, summary)."""
-    from flows.finetune import finetune
-
-    root = make_project(
-        tmp_path_factory.mktemp("golden") / "project",
-        {
-            "base_model": {"source": str(tiny_model_dir)},
-            "prepare": {"block_size": 32},
-            "train": {"max_steps": 8, "learning_rate": 3.0e-3, "save_steps": 4},
-            "evaluate": {"window": 64, "stride": 32, "batch_size": 8},
-        },
-    )
-    return root, finetune(project_dir=str(root))
-
-
-@pytest.fixture
-def project(golden, tmp_path) -> Path:
-    """A private copy of the golden project (git, DVC cache, mlflow.db) for a test to change."""
-    return Path(shutil.copytree(golden[0], tmp_path / "project", symlinks=True))
-
-
-@pytest.fixture
-def first_run(golden) -> dict:
-    return golden[1]
 
 
 def uri_of(project: Path) -> str:
@@ -108,6 +79,8 @@ def test_first_run_trains_registers_promotes_and_serves(golden):
     # one MLflow run per flow run, holding the loss curve, eval metrics and lineage tags
     run = client.get_run(first_run["mlflow_run_id"])
     assert run.info.status == "FINISHED"
+    experiment = client.get_experiment_by_name("llmpipe").experiment_id
+    assert len(client.search_runs([experiment])) == 1  # one run per flow run, no stray ones
     assert run.data.tags["data_hash"] == version.tags["data_hash"]
     assert run.data.metrics["perplexity"] == pytest.approx(metrics["perplexity"])
     assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2
@@ -118,9 +91,16 @@ def test_first_run_trains_registers_promotes_and_serves(golden):
     assert metrics["perplexity_ci_low"] <= metrics["perplexity"] <= metrics["perplexity_ci_high"]
     assert metrics["perplexity_ci_high"] < metrics["base_perplexity"]  # the promotion gate held
     assert "forgetting" in metrics and metrics["reference_tokens"] > 1000
-    # the stock scoring server answered a completion over HTTP
-    assert first_run["serve"]["model_uri"] == "models:/llmpipe@champion"
-    assert first_run["serve"]["completion"].strip()
+    # the candidate served over HTTP (stock scoring server) before it became champion
+    serve = first_run["serve"]
+    assert serve["model_uri"] == "models:/llmpipe/1" and serve["completion"].strip()
+    assert serve["requests"] == 5 and 0 < serve["p50_ms"] <= serve["p95_ms"]
+    assert float(version.tags["serve_p95_ms"]) == pytest.approx(serve["p95_ms"], rel=1e-3)
+    assert first_run["promotion"]["promoted"] is True
+    assert first_run["promotion"]["reasons"][-1] == "champion moved from none to version 1"
+    assert (
+        version.tags["promoted_over"] == "none" and "beats the base model" in version.tags["gate"]
+    )
     assert not (project / "checkpoints").exists() or not any((project / "checkpoints").iterdir())
 
 
@@ -186,6 +166,17 @@ def test_a_new_model_in_the_same_local_directory_reruns_base_model(project, tiny
     assert "Running stage 'base_model'" in repro_base_model()
 
 
+def test_a_run_that_fails_inside_a_stage_puts_params_yaml_back(project):
+    """The edits are written for the run (DVC must see them); a failure restores the file."""
+    before = (project / "params.yaml").read_bytes()
+    registry = registry_state(uri_of(project))
+    done = llmpipe_run(project, "-S", "base_model.source=no-such-org/no-such-model")
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "error: base_model.source: cannot load 'no-such-org/no-such-model'" in done.stderr
+    assert (project / "params.yaml").read_bytes() == before
+    assert registry_state(uri_of(project)) == registry
+
+
 def llmpipe_run(project: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [BIN / "llmpipe", "run", *args], cwd=project, text=True, capture_output=True, timeout=300
@@ -210,6 +201,21 @@ USER_ERRORS = {
     ),
     "unknown params key": (["-S", "train.lr=0.1"], None, r"unknown key 'train\.lr'"),
     "value out of range": (["-S", "train.max_steps=0"], None, r"'train\.max_steps'"),
+    "stride beyond the window": (
+        ["-S", "evaluate.stride=999"],
+        None,
+        r"evaluate\.stride \(999\) must not exceed evaluate\.window \(64\)",
+    ),
+    "a block longer than the model's positions": (
+        ["-S", "prepare.block_size=1024"],  # the tiny model has 512
+        None,
+        r"prepare\.block_size \(1024\) exceeds the base model's maximum positions \(512, ",
+    ),
+    "a corpus that cannot be split": (
+        ["-S", "prepare.data=data/raw/one.txt"],
+        ("data/raw/one.txt", "A single document cannot be both trained on and held out.\n"),
+        r"data/raw/one\.txt: the (test|train) split is empty \(1 documents\)",
+    ),
 }
 
 
@@ -365,8 +371,9 @@ def test_continue_from_champion_fine_tunes_the_registered_model(project, prefect
         serve_check=False,
         overrides=["train.max_steps=4"],
     )
+    # the champion was this run's base; params.yaml is the project's again (edits were for the run)
     params = yaml.safe_load((project / "params.yaml").read_text())
-    assert params["base_model"]["source"] == f"models:/llmpipe/{champion.version}"
+    assert params["base_model"]["source"] != f"models:/llmpipe/{champion.version}"
     ran = {s["name"] for s in summary["stages"] if not s["skipped"]}
     assert {"base_model", "prepare", "train", "evaluate"} <= ran
     # the new base model is the champion, weight for weight

@@ -34,9 +34,7 @@ def test_sweep_registers_every_run_and_promotes_only_the_best(
     project = make_project(tmp_path / "project", tiny_params(tiny_model_dir))
     uri = f"sqlite:///{project}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    result = sweep(
-        project_dir=str(project), grid=["train.learning_rate=5e-3,1e-5"], serve_check=False
-    )
+    result = sweep(project_dir=str(project), grid=["train.learning_rate=5e-3,1e-5"])
 
     assert [r["overrides"] for r in result["runs"]] == [
         ["train.learning_rate=5e-3"],

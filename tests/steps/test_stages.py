@@ -111,9 +111,11 @@ def test_a_missing_or_malformed_argument_is_a_one_line_user_error():
 
     with pytest.raises(UserError, match=r"--tuned-model missing from the command line"):
         _ = stage_arguments(["--out", "x"]).tuned_model
-    with pytest.raises(UserError, match=r"--out needs a path"):
+    with pytest.raises(UserError, match=r"--out needs a value"):
         stage_arguments(["--out"])
     with pytest.raises(UserError, match=r"unexpected argument 'stray'"):
         stage_arguments(["stray"])
     flags = stage_arguments(["--no-promote", "--out", "x"], flags=["--no-promote"])
     assert flags.no_promote is True and flags.out == Path("x")
+    texts = stage_arguments(["--version", "3", "--out", "x"], text=["version"])
+    assert texts.version == "3" and texts.out == Path("x")

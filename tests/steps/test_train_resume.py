@@ -1,8 +1,11 @@
-"""A crashed training run leaves no model behind and a retry resumes from its last checkpoint."""
+"""A crashed training run leaves no model behind; a retry resumes from its last complete checkpoint
+and ends exactly where an uninterrupted run ends."""
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
 
 import pytest
 
@@ -13,7 +16,14 @@ DOCS = [
 ]
 
 
-def test_retry_resumes_from_checkpoint_after_a_crash(tmp_path, monkeypatch, tiny_model_dir, capsys):
+def losses(path) -> dict[int, float]:
+    with path.open() as f:
+        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(f)}
+
+
+def test_a_retry_resumes_from_the_last_complete_checkpoint_exactly(
+    tmp_path, monkeypatch, tiny_model_dir, capsys
+):
     from transformers import AutoTokenizer, Trainer
 
     from steps.params import PrepareParams, TrainParams
@@ -24,28 +34,62 @@ def test_retry_resumes_from_checkpoint_after_a_crash(tmp_path, monkeypatch, tiny
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     prepared, ckpts = tmp_path / "prepared", tmp_path / "checkpoints"
     prepare(PrepareParams(block_size=16), tmp_path / "docs.jsonl", tokenizer, prepared)
+    params = TrainParams(max_steps=8, save_steps=2, batch_size=2, learning_rate=1e-3, seed=7)
     outs = (tmp_path / "tuned", tmp_path / "train.json", tmp_path / "loss.csv", ckpts)
-    params = TrainParams(max_steps=6, save_steps=2, batch_size=2, learning_rate=1e-3)
+    clean = tmp_path / "clean"  # the same run, never interrupted
+    expected = train(params, tiny_model_dir, prepared, clean / "tuned", clean / "train.json",
+                     clean / "loss.csv", clean / "ckpt")  # fmt: skip
 
     real_step, calls = Trainer.training_step, {"n": 0}
 
-    def crash_on_fourth_step(self, *args, **kwargs):
+    def crash_on_sixth_step(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == 6:
             raise RuntimeError("simulated kill")
         return real_step(self, *args, **kwargs)
 
-    monkeypatch.setattr(Trainer, "training_step", crash_on_fourth_step)
+    monkeypatch.setattr(Trainer, "training_step", crash_on_sixth_step)
     with pytest.raises(RuntimeError, match="simulated kill"):
         train(params, tiny_model_dir, prepared, *outs)
     assert not (tmp_path / "tuned").exists()  # nothing half-written
-    saved = sorted(p.name for p in ckpts.glob("train-*/checkpoint-*"))
-    assert saved == ["checkpoint-2"]
+    [run_dir] = ckpts.glob("train-*")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint-4"]
+    # a later checkpoint cut short while saving: weights there, but no trainer_state.json (last)
+    half = run_dir / "checkpoint-6"
+    shutil.copytree(run_dir / "checkpoint-4", half)
+    (half / "trainer_state.json").unlink()
 
     monkeypatch.setattr(Trainer, "training_step", real_step)
     capsys.readouterr()
     metrics = train(params, tiny_model_dir, prepared, *outs)
-    assert "resuming from" in capsys.readouterr().out
-    assert metrics["steps"] == 6
-    assert (tmp_path / "tuned" / "model.safetensors").is_file()
+    out = capsys.readouterr().out
+    assert "checkpoint-6 is incomplete" in out and "resuming from" in out
+    assert f"resuming from {run_dir / 'checkpoint-4'}" in out
+    assert metrics["steps"] == 8 and (tmp_path / "tuned" / "model.safetensors").is_file()
     assert not any(ckpts.iterdir())  # checkpoints are removed on success
+    resumed, uninterrupted = losses(tmp_path / "loss.csv"), losses(clean / "loss.csv")
+    assert resumed.keys() == uninterrupted.keys() == set(range(1, 9))
+    for step in range(5, 9):  # the steps trained after the resume
+        assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-5), step
+    assert metrics["eval_loss"] == pytest.approx(expected["eval_loss"], abs=1e-5)
+
+
+def test_the_fingerprint_covers_the_base_weights(tmp_path, tiny_model_dir):
+    """Another model of the same shape (same config, other weights) must not resume this run."""
+    from steps.params import TrainParams
+    from steps.train import run_fingerprint
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    data = tmp_path / "data"
+    data.mkdir()
+    assert run_fingerprint(TrainParams(), data, other) == run_fingerprint(
+        TrainParams(), data, tiny_model_dir
+    )
+    from benchmarks.workloads import build_tiny_model
+
+    build_tiny_model(other, seed=1)  # same shape and config, other weights
+    assert (other / "config.json").read_bytes() == (tiny_model_dir / "config.json").read_bytes()
+    assert run_fingerprint(TrainParams(), data, other) != run_fingerprint(
+        TrainParams(), data, tiny_model_dir
+    )

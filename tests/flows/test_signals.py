@@ -1,0 +1,84 @@
+"""A run stopped at any step (SIGTERM from a service manager, SIGHUP from a closed terminal, Ctrl-C)
+leaves the champion where it was, its MLflow run FAILED, the lock free and no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from benchmarks.workloads import make_project, tiny_params
+from steps.registry import champion_version
+
+pytestmark = pytest.mark.integration
+
+LLMPIPE = Path(sys.executable).parent / "llmpipe"
+
+# (signal, a line of the run's log that shows it is inside that step)
+STOP_POINTS = [
+    (signal.SIGTERM, "Running stage 'train'"),  # inside a DVC stage
+    (signal.SIGHUP, "Task run 'register-"),  # while the candidate is registered
+    (signal.SIGINT, "Task run 'smoke_serve-"),  # while the candidate is being served
+]
+
+
+def processes_in(project: Path) -> list[psutil.Process]:
+    """Live processes whose working directory is the project (stages, servers, the run itself)."""
+    found = []
+    for proc in psutil.process_iter(["cwd", "status"]):
+        if proc.info["cwd"] == str(project) and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found
+
+
+def run_and_stop(project: Path, env: dict[str, str], sig: signal.Signals, marker: str) -> str:
+    """Start `llmpipe run`, send `sig` once `marker` appears in its output; return the output."""
+    proc = subprocess.Popen([LLMPIPE, "run"], cwd=project, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # fmt: skip
+    lines = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            time.sleep(1)  # well inside the step
+            proc.send_signal(sig)
+            break
+    rest, _ = proc.communicate(timeout=120)
+    output = "".join(lines) + rest
+    assert proc.returncode == 128 + sig, output[-3000:]
+    return output
+
+
+def test_a_run_stopped_at_any_step_changes_nothing_and_leaves_nothing(tmp_path, tiny_model_dir):
+    from mlflow import MlflowClient
+
+    project = make_project(tmp_path / "project", tiny_params(tiny_model_dir, learning_rate=3e-3))
+    uri = f"sqlite:///{project}/mlflow.db"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home")}
+    env.pop("PREFECT_API_URL", None)
+    for sig, marker in STOP_POINTS:
+        output = run_and_stop(project, env, sig, marker)
+        assert f"error: llmpipe stopped by {sig.name}; the running stage was killed" in output
+        assert "Traceback" not in output, output[-3000:]
+        assert champion_version(uri, "llmpipe") is None, f"{sig.name} at {marker!r}"
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("llmpipe")
+        [last] = client.search_runs([experiment.experiment_id], order_by=["start_time DESC"],
+                                    max_results=1)  # fmt: skip
+        assert last.info.status == "FAILED", (sig.name, output[-4000:])
+        assert (project / ".llmpipe.lock").read_text() == ""  # released
+        deadline = time.monotonic() + 20  # processes may take a moment to be reaped
+        while (left := processes_in(project)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not left, [" ".join(p.cmdline())[:120] for p in left]
+    # the same run, not stopped, would have promoted: the stops above are what kept the champion
+    done = subprocess.run([LLMPIPE, "run"], cwd=project, env=env, text=True, capture_output=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert champion_version(uri, "llmpipe") is not None
