@@ -35,16 +35,15 @@ def format_summary(summary: dict, seconds: float) -> str:
     m, reg = summary["metrics"], summary["register"]
     stages = stages_text(summary["stages"])
     change = m["perplexity"] / m["base_perplexity"] - 1
-    inside = (
-        sum(st["seconds"] for st in summary["stages"])
-        + reg.get("seconds", 0.0)
-        + summary.get("serve", {}).get("seconds", 0.0)
-        + summary.get("promotion", {}).get("seconds", 0.0)
-    )
+    tasks = [*summary["stages"], *(summary.get(k, {}) for k in ("register", "serve", "promotion"))]
+    inside = sum(t.get("seconds", 0.0) for t in tasks)
+    retried = sum(t.get("retried_seconds", 0.0) for t in tasks)
+    overhead = seconds - inside - retried
     lines = [
         f"llmpipe run finished in {seconds / 60:.1f} min "
-        f"(orchestration {seconds - inside:.0f} s = {(seconds - inside) / seconds:.1%}; "
-        f"the rest inside the stages)",
+        f"(orchestration {overhead:.0f} s = {overhead / seconds:.1%}; "
+        + (f"failed attempts and their retries {retried:.0f} s; " if retried >= 0.5 else "")
+        + "the rest inside the stages)",
         f"  stages      {stages}",
         f"  perplexity  base {m['base_perplexity']:.3f} -> tuned {m['perplexity']:.3f}"
         f" ({change:+.1%})"

@@ -14,6 +14,7 @@ else is retried with back-off.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,7 +22,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run, task_run
 from prefect.states import Failed, State
 
 from flows.lock import workspace_lock
@@ -71,7 +72,7 @@ def stage_task(
         return user_error_state(err)  # one line in the log, no traceback, no retry
     how = "unchanged (DVC cache)" if outcome.skipped else "ran"
     logger.info("%s %s in %.1fs", name, how, outcome.seconds)
-    return outcome.to_dict()
+    return {**outcome.to_dict(), "attempt": task_run.run_count}
 
 
 def run_task(
@@ -81,10 +82,14 @@ def run_task(
     configured = stage_task.with_options(
         name=stage.name, timeout_seconds=stage.timeout_s, retries=stage.retries
     )
+    started = time.perf_counter()
     outcome = configured(stage.name, str(project), env, extra_args)
     if isinstance(outcome, State):  # the task returned a user error as its Failed state
         outcome.result()  # raises the UserInputError it carries
         raise UserInputError(outcome.message)
+    # attempts that failed before this one, and the back-off between them: lost work, not overhead
+    lost = time.perf_counter() - started - outcome["seconds"] if outcome["attempt"] > 1 else 0.0
+    outcome["retried_seconds"] = max(0.0, lost)
     return outcome
 
 
@@ -306,8 +311,12 @@ def prove_and_promote(
 
 
 def task_facts(outcome: dict) -> dict:
-    """A task's facts (its report), with the seconds it took."""
-    return {**outcome["facts"], "seconds": outcome["seconds"]}
+    """A task's facts (its report), with the seconds it took (and lost to failed attempts)."""
+    return {
+        **outcome["facts"],
+        "seconds": outcome["seconds"],
+        "retried_seconds": outcome["retried_seconds"],
+    }
 
 
 if __name__ == "__main__":

@@ -62,7 +62,10 @@ def pip_requirements() -> list[str]:
 
 def log_and_register(uri: str, name: str, model_dir: Path, tags: dict[str, str]):
     """Log `model_dir` into the flow's run (transformers flavor, OpenAI-style completions),
-    register it as a new version of `name` with `tags`, and point `challenger` at it."""
+    register it as a new version of `name` with `tags`, and point `challenger` at it.
+
+    The tags are set in the call that creates the version, so a retry after a crash finds the
+    version by its model_hash tag instead of registering an untagged duplicate."""
     import mlflow
     from mlflow import MlflowClient
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -80,11 +83,7 @@ def log_and_register(uri: str, name: str, model_dir: Path, tags: dict[str, str])
             task="llm/v1/completions",
             pip_requirements=pip_requirements(),
             input_example=INPUT_EXAMPLE,
-            registered_model_name=name,
         )
-    client = MlflowClient(uri)
-    mv = client.get_model_version(name, str(info.registered_model_version))
-    for key, value in tags.items():
-        client.set_model_version_tag(name, mv.version, key, value)
-    client.set_registered_model_alias(name, CHALLENGER, mv.version)
+        mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    MlflowClient(uri).set_registered_model_alias(name, CHALLENGER, mv.version)
     return mv
