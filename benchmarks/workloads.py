@@ -25,9 +25,8 @@ SAMPLE_TEXT = [
 
 def build_tiny_model(out: Path, seed: int = 0) -> Path:
     """Write config, safetensors weights, tokenizer and generation config of a 2-layer Llama."""
-    import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -46,25 +45,37 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
         pad_token="</s>",
         model_max_length=512,
     )
+    save_random_llama(out, dict(TINY_LLAMA, vocab_size=len(tokenizer)), tokenizer, seed)
+    return out
+
+
+def save_random_llama(out: Path, shape: dict, tokenizer, seed: int = 0) -> int:
+    """A Llama of `shape` with weights drawn from `seed`, saved (safetensors) with `tokenizer`;
+    returns its parameter count."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-        tie_word_embeddings=True,
-    )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(LlamaConfig(**shape))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    return out
+    return sum(p.numel() for p in model.parameters())
+
+
+# The tests' model: 2 layers of width 32, seconds to build and train on a CPU.
+TINY_LLAMA = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+    tie_word_embeddings=True,
+)
 
 
 # SmolLM2-135M's shape, from the GGUF's config (steps.base_model writes the same to models/base).
@@ -103,15 +114,8 @@ def placeholder_tokenizer():
 def random_model_dir(dest: Path, layers: int | None = None, seed: int = 0) -> tuple[Path, int]:
     """SmolLM2-135M's architecture (optionally fewer layers) with random weights, saved with a
     placeholder tokenizer; returns (directory, parameter count)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = dict(SMOLLM2_135M, num_hidden_layers=layers or SMOLLM2_135M["num_hidden_layers"])
-    model = LlamaForCausalLM(LlamaConfig(**cfg))
-    model.save_pretrained(dest, safe_serialization=True)
-    placeholder_tokenizer().save_pretrained(dest)
-    return dest, sum(p.numel() for p in model.parameters())
+    shape = dict(SMOLLM2_135M, num_hidden_layers=layers or SMOLLM2_135M["num_hidden_layers"])
+    return dest, save_random_llama(dest, shape, placeholder_tokenizer(), seed)
 
 
 PROJECT_FILES = [
