@@ -28,7 +28,13 @@ from prefect.states import Failed, State
 from flows.lock import workspace_lock
 from flows.report import report_markdown
 from flows.runner import UserInputError, run_stage
-from flows.tracking import close_run, data_unchanged_since_champion, open_run, tag_stage_lineage
+from flows.tracking import (
+    close_run,
+    data_unchanged_since_champion,
+    log_reused_outputs,
+    open_run,
+    tag_stage_lineage,
+)
 from steps.errors import UserError
 from steps.outputs import write_bytes
 from steps.params import EMBEDDED_CORPUS, Params, apply_overrides
@@ -260,6 +266,8 @@ def run_pipeline(
     try:
         for stage in dvc_stages():
             summary["stages"].append(run_task(stage, project, env))
+            if summary["stages"][-1]["skipped"]:
+                log_reused_outputs(uri, run_id, project, stage)
             if stage.lineage:
                 summary["lineage"] |= tag_stage_lineage(uri, run_id, project, params, stage)
         metrics_file = project / STAGE["evaluate"].path("metrics")

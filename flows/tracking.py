@@ -3,6 +3,7 @@ the flow's outcome; and the check that scheduled retraining uses to skip unchang
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from steps.lineage import file_md5, git_sha, stage_lineage
@@ -20,6 +21,14 @@ def flat_params(params: Params) -> dict[str, str]:
     }
 
 
+def artifact_location(uri: str, project: Path) -> str | None:
+    """Where a new experiment keeps its artifacts: the project's mlartifacts/ for a local store
+    (sqlite, a file path); for a tracking server, None: the server decides (with proxied
+    artifacts, `mlflow-artifacts:/...`), so another machine reading the registry finds them."""
+    local = uri.startswith(("sqlite:", "file:")) or "://" not in uri
+    return (project / "mlartifacts").as_uri() if local else None
+
+
 def open_run(
     uri: str, project: Path, params: Params, flow_run_name: str, extra_tags: dict[str, str]
 ) -> tuple[str, str]:
@@ -30,7 +39,7 @@ def open_run(
     experiment = client.get_experiment_by_name(EXPERIMENT)
     if experiment is None:
         experiment_id = client.create_experiment(
-            EXPERIMENT, artifact_location=(project / "mlartifacts").as_uri()
+            EXPERIMENT, artifact_location=artifact_location(uri, project)
         )
     else:
         experiment_id = experiment.experiment_id
@@ -60,6 +69,44 @@ def tag_stage_lineage(
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     return tags
+
+
+def log_reused_outputs(uri: str, run_id: str, project: Path, stage: Stage) -> list[str]:
+    """When DVC reused a stage's outputs, put their metrics on this run anyway (numbers of its
+    metrics files, their curves per step, the files as artifacts), so a cached re-run's MLflow
+    run shows the metrics of the model it re-confirmed. Returns the files logged."""
+    import csv
+    import json
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client, logged, now = MlflowClient(uri), [], int(time.time() * 1000)
+    for out in stage.outputs.values():
+        path = project / out.path
+        if out.kind == "outs" or not path.is_file():
+            continue
+        metrics: list[Metric] = []
+        if out.kind == "metrics":
+            values = json.loads(path.read_text())
+            metrics = [Metric(k, float(v), now, 0) for k, v in values.items() if numeric(v)]
+        elif out.plot.get("x") == "step":
+            y = out.plot["y"]
+            with path.open() as f:
+                metrics = [
+                    Metric(y, float(row[y]), now, int(row["step"])) for row in csv.DictReader(f)
+                ]
+        for start in range(0, len(metrics), 500):
+            client.log_batch(run_id, metrics=metrics[start : start + 500])
+        client.log_artifact(run_id, str(path))
+        logged.append(out.path)
+    if logged:
+        client.set_tag(run_id, f"reused.{stage.name}", "outputs reused from the DVC cache")
+    return logged
+
+
+def numeric(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def close_run(uri: str, run_id: str, ok: bool) -> None:

@@ -29,14 +29,15 @@ from steps.params import EvaluateParams, load_params
 from steps.plots import write_figure, write_perplexity_csv
 from steps.prepare import read_documents
 from steps.samples import complete_prompts, sample_prompts
-from steps.scoring import heldout_texts, load_metric, load_model, perplexity
+from steps.scoring import heldout_texts, load_metric, load_model, measurement, perplexity
 from steps.tracking import log_to_flow_run
 
 
-def evaluate_model(metric, model_dir: Path, texts, reference, prompts, params) -> dict:
+def evaluate_model(metric, model_dir: Path, texts, reference, prompts, params, split_hash) -> dict:
     """Load a model once; score held-out and reference texts and complete the prompts with it."""
     model, tokenizer = load_model(str(model_dir))
     return {
+        "measured": measurement(model, tokenizer, params, split_hash),
         "heldout": perplexity(metric, model, tokenizer, texts, params),
         "reference": perplexity(metric, model, tokenizer, reference, params),
         "samples": complete_prompts(model, tokenizer, prompts, params.sample_tokens),
@@ -57,6 +58,7 @@ def compare(base: dict, tuned: dict, split_hash: str) -> dict:
         "mean_perplexity": t["mean_perplexity"],
         "base_mean_perplexity": b["mean_perplexity"],
         "bits_per_byte": t["bits_per_byte"],
+        "bits_per_byte_ci_high": t["bits_per_byte_ci_high"],
         "base_bits_per_byte": b["bits_per_byte"],
         "tokens": t["tokens"],
         "documents": len(t["perplexities"]),
@@ -65,6 +67,8 @@ def compare(base: dict, tuned: dict, split_hash: str) -> dict:
         "base_reference_perplexity": rb["perplexity"],
         "forgetting": rt["perplexity"] / rb["perplexity"] - 1,
         "reference_tokens": rt["tokens"],
+        # how these numbers were measured: a champion's stored value is reused only when all match
+        "measured": tuned["measured"],
     }
 
 
@@ -74,9 +78,9 @@ def run(params: EvaluateParams, args) -> dict:
     texts, split_hash = heldout_texts(args.prepared)
     prompts = sample_prompts(texts, params.samples)
     metric = load_metric()
-    base = evaluate_model(metric, args.base_model, texts, reference, prompts, params)
+    base = evaluate_model(metric, args.base_model, texts, reference, prompts, params, split_hash)
     print(f"evaluate: base perplexity {base['heldout']['perplexity']:.3f}")
-    tuned = evaluate_model(metric, args.tuned_model, texts, reference, prompts, params)
+    tuned = evaluate_model(metric, args.tuned_model, texts, reference, prompts, params, split_hash)
     print(f"evaluate: tuned perplexity {tuned['heldout']['perplexity']:.3f}")
     result = compare(base, tuned, split_hash)
     samples = {"prompt": prompts, "base": base["samples"], "tuned": tuned["samples"]}

@@ -2,8 +2,8 @@
 
     promotion_decision(tuned_upper=9.9, base=13.7, champion=None, min_improvement=0.0)
 
-No I/O here: steps/register.py gathers the numbers (the champion re-scored when needed) and moves
-the alias; this module only decides, and says why.
+No I/O here: steps/register.py gathers the numbers (the champion re-scored when it was measured
+another way, in bits per byte when its tokenizer differs); this module only decides, and says why.
 """
 
 from __future__ import annotations
@@ -17,17 +17,32 @@ class Decision:
     reasons: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Reference:
+    """A model to beat, in a unit both models were measured in the same way.
+
+    Perplexities of models with different tokenizers count different tokens and cannot be
+    compared; bits per byte of the same texts can. `tuned_upper` is the candidate's upper bound in
+    that unit; `note` says where the reference's number came from."""
+
+    value: float
+    tuned_upper: float
+    unit: str = "perplexity"
+    note: str = ""
+
+
 def promotion_decision(
     tuned_upper: float,
     base: float,
-    champion: float | None,
+    champion: float | Reference | None,
     min_improvement: float,
     forgetting: float | None = None,
     max_forgetting: float = float("inf"),
 ) -> Decision:
     """Promote only if the upper end of the tuned model's 95% interval is below the base model's
-    and the champion's perplexity by the relative margin `min_improvement`, and its perplexity on
-    general reference text rose by no more than `max_forgetting` (relative)."""
+    and the champion's perplexity (or bits per byte, across tokenizers) by the relative margin
+    `min_improvement`, and its perplexity on general reference text rose by no more than
+    `max_forgetting` (relative)."""
     reasons, promote = [], True
     if forgetting is not None:
         if forgetting <= max_forgetting:
@@ -37,14 +52,20 @@ def promotion_decision(
             reasons.append(
                 f"forgets too much: reference perplexity {forgetting:+.1%} > +{max_forgetting:.0%}"
             )
-    for label, ref in (("base model", base), ("champion", champion)):
+    if isinstance(champion, int | float):
+        champion = Reference(champion, tuned_upper)
+    for label, ref in (("base model", Reference(base, tuned_upper)), ("champion", champion)):
         if ref is None:
             reasons.append(f"no current {label}")
             continue
-        bar = ref * (1 - min_improvement)
-        if tuned_upper < bar:
-            reasons.append(f"beats the {label}: upper bound {tuned_upper:.3f} < {bar:.3f}")
+        unit = "" if ref.unit == "perplexity" else f" in {ref.unit}"
+        note = f" ({ref.note})" if ref.note else ""
+        bar, upper = ref.value * (1 - min_improvement), ref.tuned_upper
+        if upper < bar:
+            reasons.append(f"beats the {label}{unit}: upper bound {upper:.3f} < {bar:.3f}{note}")
         else:
             promote = False
-            reasons.append(f"does not beat the {label}: upper bound {tuned_upper:.3f} >= {bar:.3f}")
+            reasons.append(
+                f"does not beat the {label}{unit}: upper bound {upper:.3f} >= {bar:.3f}{note}"
+            )
     return Decision(promote, reasons)

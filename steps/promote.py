@@ -23,8 +23,22 @@ from steps.tracking import tracking_uri
 NO_CHAMPION = "none"
 
 
-def promote(uri: str, name: str, version: str, expected: str) -> dict:
-    """Point `champion` at `version` if it still points at `expected`; say what happened."""
+HISTORY_TAG = "champion_history"  # registered-model tag: the last HISTORY_LINES moves, newest last
+HISTORY_LINES = 40
+
+
+def record_move(client, name: str, line: str) -> None:
+    """Append one line ('<time> champion <from> -> <to> (<how>)') to the model's history tag."""
+    model = client.get_registered_model(name)
+    lines = [x for x in model.tags.get(HISTORY_TAG, "").split("\n") if x]
+    client.set_registered_model_tag(name, HISTORY_TAG, "\n".join([*lines, line][-HISTORY_LINES:]))
+
+
+def promote(uri: str, name: str, version: str, expected: str, how: str = "run", tags=None) -> dict:
+    """Point `champion` at `version` if it still points at `expected`; say what happened.
+
+    `how` (run, cli, forced, rollback) goes into the history; `tags` onto the version. A rollback
+    keeps the version's own `promoted_over`, so rolling back again goes one further back."""
     from mlflow import MlflowClient
 
     current = champion_version(uri, name)
@@ -39,8 +53,12 @@ def promote(uri: str, name: str, version: str, expected: str) -> dict:
         }
     client = MlflowClient(uri)
     client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_model_version_tag(name, version, "promoted_over", expected)
-    client.set_model_version_tag(name, version, "promoted_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    stamp = {"rolled_back_to_at": at} if how == "rollback" else {
+        "promoted_over": expected, "promoted_at": at, "promoted_by": how}  # fmt: skip
+    for key, value in {**stamp, **(tags or {})}.items():
+        client.set_model_version_tag(name, version, key, value)
+    record_move(client, name, f"{at} champion {expected} -> {version} ({how})")
     return {"promoted": True, "reasons": [f"champion moved from {expected} to version {version}"]}
 
 

@@ -22,14 +22,29 @@ from dataclasses import asdict
 from pathlib import Path
 
 from steps.arguments import stage_arguments
+from steps.card import model_card
 from steps.errors import UserError
-from steps.gate import Decision, promotion_decision
+from steps.gate import Decision, Reference, promotion_decision
 from steps.lineage import git_sha, stage_lineage
 from steps.outcome import run_main
 from steps.params import EvaluateParams, Params, load_params
 from steps.promote import NO_CHAMPION
-from steps.registry import CHAMPION, alias_version, find_version_by_tag, log_and_register
-from steps.scoring import heldout_texts, load_metric, load_model, perplexity
+from steps.registry import (
+    CHAMPION,
+    alias_version,
+    find_version_by_tag,
+    log_and_register,
+    measured_from_tags,
+    measurement_tags,
+)
+from steps.scoring import (
+    differences,
+    heldout_texts,
+    load_metric,
+    load_model,
+    measurement,
+    perplexity,
+)
 from steps.tracking import flow_run
 
 
@@ -45,20 +60,39 @@ def lineage_tags(project: Path, params: Params, metrics: dict, run_id: str) -> d
         "base_perplexity": f"{metrics['base_perplexity']:.6f}",
         "perplexity_ci_high": f"{metrics['perplexity_ci_high']:.6f}",
         "forgetting": f"{metrics['forgetting']:.6f}",
+        "bits_per_byte": f"{metrics['bits_per_byte']:.6f}",
+        "bits_per_byte_ci_high": f"{metrics['bits_per_byte_ci_high']:.6f}",
         "test_split_hash": metrics["test_split_hash"],
+        **measurement_tags(metrics["measured"]),
         "mlflow_run_id": run_id,
         "prefect_flow_run_id": os.environ.get("LLMPIPE_FLOW_RUN_ID", ""),
     }
 
 
-def champion_perplexity(champion, name: str, prepared: Path, split_hash: str, params) -> float:
-    """The champion's perplexity on this test split: from its tags, or re-scored if they differ."""
-    if champion.tags.get("test_split_hash") == split_hash and "perplexity" in champion.tags:
-        return float(champion.tags["perplexity"])
-    print(f"register: re-scoring champion v{champion.version} on the current test split")
+def champion_reference(champion, name: str, prepared: Path, metrics: dict, params) -> Reference:
+    """The champion's score, measured like the candidate's: its stored perplexity when every
+    measurement key matches (steps/scoring.py MEASUREMENT_KEYS), else re-scored here on this test
+    split with these settings; in bits per byte when its tokenizer differs from the candidate's."""
+    ours, theirs = metrics["measured"], measured_from_tags(champion.tags)
+    diffs = differences(ours, theirs)
+    if not diffs and "perplexity" in champion.tags:
+        stored = float(champion.tags["perplexity"])
+        note = f"v{champion.version}'s stored perplexity, measured alike"
+        return Reference(stored, metrics["perplexity_ci_high"], note=note)
+    print(f"register: re-scoring champion v{champion.version}: " + ", ".join(diffs))
     texts, _ = heldout_texts(prepared)
     model, tokenizer = load_model(f"models:/{name}/{champion.version}")
-    return perplexity(load_metric(), model, tokenizer, texts, params)["perplexity"]
+    scored = perplexity(load_metric(), model, tokenizer, texts, params)
+    now = measurement(model, tokenizer, params, metrics["test_split_hash"])
+    note = f"v{champion.version} re-scored here; it was measured with " + ", ".join(diffs)
+    if now["tokenizer_hash"] != ours["tokenizer_hash"]:
+        return Reference(
+            scored["bits_per_byte"],
+            metrics["bits_per_byte_ci_high"],
+            unit="bits per byte",
+            note=note + " (another tokenizer: perplexities are not comparable)",
+        )
+    return Reference(scored["perplexity"], metrics["perplexity_ci_high"], note=note)
 
 
 def decide(client, name: str, mv, metrics: dict, prepared: Path, params: Params):
@@ -67,15 +101,13 @@ def decide(client, name: str, mv, metrics: dict, prepared: Path, params: Params)
     if champion is not None and champion.version == mv.version:
         return Decision(False, [f"version {mv.version} is already the champion"]), champion
     ev: EvaluateParams = params.evaluate
-    champ_ppl = (
-        None
-        if champion is None
-        else champion_perplexity(champion, name, prepared, metrics["test_split_hash"], ev)
+    reference = (
+        None if champion is None else champion_reference(champion, name, prepared, metrics, ev)
     )
     decision = promotion_decision(
         metrics["perplexity_ci_high"],
         metrics["base_perplexity"],
-        champ_ppl,
+        reference,
         params.registry.min_improvement,
         metrics.get("forgetting"),
         params.registry.max_forgetting,
@@ -120,6 +152,9 @@ def register(
     else:
         decision = Decision(False, ["sweep candidate: the best of the sweep is promoted after it"])
     client.set_model_version_tag(name, mv.version, "gate", "; ".join(decision.reasons))
+    if new:  # a re-confirmed version keeps the card of the run that registered it
+        card = model_card(tags, metrics, decision.reasons, decision.promote)
+        client.update_model_version(name, mv.version, description=card)
     aliases = client.get_model_version(name, mv.version).aliases
     print(f"register: gate passed={decision.promote}: " + "; ".join(decision.reasons))
     return {

@@ -17,6 +17,19 @@ SERVING_PACKAGES = ("mlflow", "transformers", "torch", "accelerate", "safetensor
 INPUT_EXAMPLE = {"prompt": "The for statement", "max_tokens": 32}
 
 
+MEASURED = "measured_"  # version tags measured_<key>: how its perplexity was measured
+
+
+def measurement_tags(measured: dict[str, str]) -> dict[str, str]:
+    """A measurement record (steps/scoring.py measurement) as version tags."""
+    return {MEASURED + key: str(value) for key, value in measured.items()}
+
+
+def measured_from_tags(tags: dict[str, str]) -> dict[str, str]:
+    """The measurement record stored on a version (keys it lacks are simply absent)."""
+    return {k[len(MEASURED) :]: v for k, v in tags.items() if k.startswith(MEASURED)}
+
+
 def is_unset_alias(err: Exception) -> bool:
     """True for MLflow's answer to an alias that is not set or a model never registered."""
     code = getattr(err, "error_code", "")

@@ -7,6 +7,7 @@ precision), so the promotion gate compares numbers measured the same way.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -40,6 +41,51 @@ def perplexity(metric, model, tokenizer, texts: list[str], params: EvaluateParam
         stride=params.stride,
         batch_size=params.batch_size,
     )
+
+
+# What makes two perplexities comparable: the same texts, cut into the same windows, tokenized the
+# same way, computed at the same precision on the same kind of device.
+MEASUREMENT_KEYS = ("test_split_hash", "window", "stride", "tokenizer_hash", "precision", "device")
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """A hash of how a tokenizer cuts text into ids (vocabulary, merges, normalisation, added
+    tokens), not of incidental settings such as padding or truncation."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        keys = ("model", "normalizer", "pre_tokenizer", "added_tokens")
+        text = json.dumps({k: spec.get(k) for k in keys}, sort_keys=True)
+    else:  # a slow tokenizer: its vocabulary is what we can see
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def measurement(model, tokenizer, params: EvaluateParams, split_hash: str) -> dict[str, str]:
+    """How a perplexity was measured (every key of MEASUREMENT_KEYS, as strings)."""
+    device = next(model.parameters()).device.type
+    return {
+        "test_split_hash": split_hash,
+        "window": str(params.window),
+        "stride": str(params.stride),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        # steps/metrics/corpus_perplexity.py scores under bf16 autocast on CUDA, fp32 elsewhere
+        "precision": "bf16-autocast" if device == "cuda" else "fp32",
+        "device": device,
+    }
+
+
+def differences(ours: dict[str, str], theirs: dict[str, str]) -> list[str]:
+    """The measurement keys on which two records differ ('stride 512 vs 128'); empty = alike."""
+
+    def short(value: str | None) -> str:
+        return "unrecorded" if value is None else value[:12]
+
+    return [
+        f"{key} {short(theirs.get(key))} vs {short(ours.get(key))}"
+        for key in MEASUREMENT_KEYS
+        if theirs.get(key) != ours.get(key) or ours.get(key) is None
+    ]
 
 
 def heldout_texts(prepared: Path) -> tuple[list[str], str]:

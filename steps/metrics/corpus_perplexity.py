@@ -34,7 +34,8 @@ Args:
     window (int): tokens per forward pass. stride (int): tokens a window advances (<= window).
     batch_size (int): windows per forward pass.
 Returns: perplexity, ci_low, ci_high (95% bootstrap over texts), mean_perplexity, perplexities,
-    nll, tokens, bytes, bits_per_byte, skipped, text_nlls, text_tokens.
+    nll, tokens, bytes, bits_per_byte (and its interval: bits_per_byte_ci_low/high), skipped,
+    text_nlls, text_tokens.
 """
 
 
@@ -152,11 +153,14 @@ def score_texts(model, tokenizer, texts, window=512, stride=512, batch_size=4) -
     counts = [max(len(ids) - 1, 0) for ids in ids_per_text]
     scored = [i for i, c in enumerate(counts) if c > 0]
     total_nll, total_tokens = sum(nll), sum(counts)
-    total_bytes = sum(len(texts[i].encode("utf-8")) for i in scored)
     per_text = [math.exp(nll[i] / counts[i]) if counts[i] else None for i in range(len(counts))]
     if not scored:
         raise ValueError("no text has two or more tokens; nothing can be scored")
+    text_bytes = [len(texts[i].encode("utf-8")) for i in range(len(counts))]
     low, high = bootstrap_interval([nll[i] for i in scored], [counts[i] for i in scored])
+    # the same resampled documents (same seed) per byte: exp(nats/byte), then bits per byte
+    bpb = bootstrap_interval([nll[i] for i in scored], [text_bytes[i] for i in scored])
+    total_bytes = sum(text_bytes[i] for i in scored)
     return {
         "perplexity": math.exp(total_nll / total_tokens),
         "ci_low": low,
@@ -167,6 +171,8 @@ def score_texts(model, tokenizer, texts, window=512, stride=512, batch_size=4) -
         "tokens": total_tokens,
         "bytes": total_bytes,
         "bits_per_byte": total_nll / math.log(2) / total_bytes,
+        "bits_per_byte_ci_low": math.log2(bpb[0]),
+        "bits_per_byte_ci_high": math.log2(bpb[1]),
         "skipped": [i for i, c in enumerate(counts) if c == 0],
         "text_nlls": nll,
         "text_tokens": counts,

@@ -102,6 +102,14 @@ def test_first_run_trains_registers_promotes_and_serves(golden):
         version.tags["promoted_over"] == "none" and "beats the base model" in version.tags["gate"]
     )
     assert not (project / "checkpoints").exists() or not any((project / "checkpoints").iterdir())
+    # how it was measured, on the version; and its card as the version's description
+    assert version.tags["measured_stride"] == "32" and version.tags["measured_window"] == "64"
+    assert version.tags["measured_tokenizer_hash"] == metrics["measured"]["tokenizer_hash"]
+    assert version.tags["measured_precision"] == "fp32"
+    card = version.description
+    assert f"**Held-out perplexity** {metrics['perplexity']:.3f}" in card
+    assert "window 64, stride 32" in card and "**Gate**: passed: reference perplexity" in card
+    assert "beats the base model: upper bound" in card
 
 
 def test_second_run_is_cached_and_registers_nothing(project, prefect_server):
@@ -116,6 +124,17 @@ def test_second_run_is_cached_and_registers_nothing(project, prefect_server):
     assert again["register"]["version"] == "1"
     assert registry_state(mlflow_uri) == {"1": ["challenger", "champion"]}
     assert (project / "dvc.lock").read_text() == lock_before
+    # the re-run's MLflow run shows the metrics of the model it re-confirmed, though nothing ran
+    from mlflow import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(again["mlflow_run_id"])
+    metrics = json.loads((project / "metrics/eval.json").read_text())
+    assert run.data.metrics["perplexity"] == pytest.approx(metrics["perplexity"])
+    assert run.data.metrics["base_perplexity"] == pytest.approx(metrics["base_perplexity"])
+    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2
+    assert {"eval.json", "train.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert run.data.tags["reused.evaluate"] == "outputs reused from the DVC cache"
 
 
 def test_dvc_repro_alone_reruns_only_what_a_param_change_touches(project):

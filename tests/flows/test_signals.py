@@ -82,3 +82,32 @@ def test_a_run_stopped_at_any_step_changes_nothing_and_leaves_nothing(tmp_path, 
     done = subprocess.run([LLMPIPE, "run"], cwd=project, env=env, text=True, capture_output=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert champion_version(uri, "llmpipe") is not None
+
+
+def test_a_task_timeout_on_smoke_serve_stops_the_scoring_server(project, prefect_server):
+    """The smoke_serve task hits its timeout while the scoring server starts: the step and the
+    server it started (in a session of its own) are both stopped; champion unchanged."""
+    from dataclasses import replace
+
+    from prefect import flow
+
+    from flows.finetune import run_task
+    from steps.stages import STAGE
+
+    uri = f"sqlite:///{project}/mlflow.db"
+    stage = replace(STAGE["smoke_serve"], timeout_s=6, retries=0)
+    env = {"MLFLOW_TRACKING_URI": uri}
+
+    @flow
+    def serve_with_a_short_timeout() -> None:
+        run_task(stage, project, env, ("--model-uri", "models:/llmpipe/1"))
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        serve_with_a_short_timeout()
+    assert time.monotonic() - started < 60  # stopped by SIGTERM, not left to finish
+    deadline = time.monotonic() + 20
+    while processes_in(project) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert processes_in(project) == []
+    assert str(champion_version(uri, "llmpipe").version) == "1"

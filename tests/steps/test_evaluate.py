@@ -17,8 +17,11 @@ pytestmark = pytest.mark.unit
 
 def fake_scores(ppl: float, ref: float) -> dict:
     heldout = {"perplexity": ppl, "ci_low": ppl - 1, "ci_high": ppl + 1, "mean_perplexity": ppl + 2,
-               "bits_per_byte": 1.0, "tokens": 100, "perplexities": [ppl] * 4}  # fmt: skip
-    return {"heldout": heldout, "reference": {"perplexity": ref, "tokens": 50}, "samples": []}
+               "bits_per_byte": 1.0, "bits_per_byte_ci_high": 1.1, "tokens": 100,
+               "perplexities": [ppl] * 4}  # fmt: skip
+    measured = {"test_split_hash": "abc", "window": "64", "stride": "64"}
+    return {"heldout": heldout, "reference": {"perplexity": ref, "tokens": 50}, "samples": [],
+            "measured": measured}  # fmt: skip
 
 
 def test_sample_prompts_cut_openings_at_a_word_boundary():
@@ -48,6 +51,7 @@ def test_compare_reports_improvement_and_forgetting():
     assert result["forgetting"] == pytest.approx(0.2)
     assert result["perplexity_ci_high"] == 16.0 and result["base_perplexity"] == 20.0
     assert result["test_split_hash"] == "abc" and result["documents"] == 4
+    assert result["measured"]["stride"] == "64" and result["bits_per_byte_ci_high"] == 1.1
 
 
 def test_plots_write_the_bars_and_a_png(tmp_path):
