@@ -41,6 +41,10 @@ def report_markdown(summary: dict, project: Path) -> str:
         f"| reference (general text) | {m['base_reference_perplexity']:.3f} "
         f"| {m['reference_perplexity']:.3f} |",
         "",
+        f"Measured with window {m['measured']['window']}, stride {m['measured']['stride']}, "
+        f"{m['measured']['precision']} on {m['measured']['device']}, tokenizer "
+        f"`{m['measured']['tokenizer_hash']}` (a champion measured otherwise is re-scored).",
+        "",
         "## Promotion",
         f"**{'promoted to champion' if promotion['promoted'] else 'not promoted'}** "
         f"({reg['model_name']} version {reg['version']}, "

@@ -332,6 +332,7 @@ def test_each_run_leaves_a_report_artifact_in_prefect(first_run):
     assert len(ours) == 1, f"{len(reports)} reports, {len(ours)} of the golden run"
     assert "## Promotion" in ours[0] and "promoted to champion" in ours[0]
     assert "llmpipe version 1" in ours[0]
+    assert "Measured with window 64, stride 32, fp32 on cpu, tokenizer `" in ours[0]
 
 
 def test_retrain_skips_unchanged_data_then_runs_after_data_add(golden, project, prefect_server):
