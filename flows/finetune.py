@@ -41,7 +41,7 @@ from steps.params import EMBEDDED_CORPUS, Params, apply_overrides
 from steps.prepare import check_block_size, read_documents, split_documents
 from steps.registry import champion_version
 from steps.stages import STAGE, Stage, dvc_stages
-from steps.tracking import EXPERIMENT, tracking_uri
+from steps.tracking import EXPERIMENT, RegistryUnavailable, check_registry, tracking_uri
 
 RETRY_DELAYS = [10, 60]  # seconds before the first and second retry
 
@@ -202,6 +202,8 @@ def finetune(
         )
     except (UserError, UserInputError) as err:
         return user_error_state(err)  # finetune() raises it to its caller; no traceback logged
+    except RegistryUnavailable as err:  # a fault, not the user's input: one line all the same
+        return Failed(message=str(err), data=err)
 
 
 def run_finetune(
@@ -221,6 +223,7 @@ def run_finetune(
     uri = tracking_uri(project)
     with workspace_lock(project, workspace_timeout_s, get_run_logger().info):
         params = check_inputs(project, edits)
+        check_registry(uri)  # a locked or corrupt registry stops the run before any compute
         if only_if_data_changed:
             unchanged = data_unchanged_since_champion(uri, project, params)
             if unchanged:

@@ -23,7 +23,7 @@ from steps.params import Params
 from steps.promote import HISTORY_TAG, NO_CHAMPION, promote
 from steps.registry import CHAMPION, alias_version, measured_from_tags
 from steps.scoring import differences
-from steps.tracking import registry_exists, tracking_uri
+from steps.tracking import check_registry, registry_exists, tracking_uri
 
 GATE_TAGS = ("perplexity", "perplexity_ci_high", "base_perplexity", "forgetting")
 
@@ -37,6 +37,7 @@ def registry(project: Path, params: Params):
     uri, name = tracking_uri(project), params.registry.model_name
     if not registry_exists(uri):
         raise UserError(f"no registry at {uri}; `llmpipe run` registers the first version")
+    check_registry(uri)
     client = MlflowClient(uri)
     try:
         client.get_registered_model(name)

@@ -4,9 +4,10 @@
 
 A step's main() returns the facts it knows (counts, metrics, lineage) and `run_main` writes them,
 with how long the step took, to the file named by $LLMPIPE_OUTCOME. A UserError is recorded as data
-(status "user_error" with its one-line message) and the step exits 2; a crash is recorded with its
-last line. When DVC finds a stage up to date it runs nothing, so no record appears: the flow reads
-that as "cached". Without $LLMPIPE_OUTCOME (`dvc repro` alone) nothing is written.
+(status "user_error" with its one-line message) and the step exits 2 (so does a full disk: freeing
+space is the user's to do, a retry would not help); a crash is recorded with its last line. When
+DVC finds a stage up to date it runs nothing, so no record appears: the flow reads that as
+"cached". Without $LLMPIPE_OUTCOME (`dvc repro` alone) nothing is written.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from steps.errors import USER_ERROR_EXIT, UserError
-from steps.outputs import write_json
+from steps.outputs import disk_full, is_disk_full, write_json
 
 OUTCOME_ENV = "LLMPIPE_OUTCOME"
 
@@ -44,13 +45,15 @@ def run_main(main: Callable[[], dict[str, Any] | None]) -> None:
     started = time.perf_counter()
     try:
         facts = main() or {}
-    except UserError as err:
+    except Exception as err:
+        if is_disk_full(err):  # a library's own write (steps.outputs raises DiskFull itself)
+            err = disk_full(err.filename)
+        if not isinstance(err, UserError):
+            _record("crashed", started, message=f"{type(err).__name__}: {err}".splitlines()[0])
+            raise
         _record("user_error", started, message=str(err))
         print(f"error: {err}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
-    except Exception as err:
-        _record("crashed", started, message=f"{type(err).__name__}: {err}".splitlines()[0])
-        raise
     _record("ran", started, facts=facts)
 
 

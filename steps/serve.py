@@ -27,7 +27,7 @@ from steps.outcome import run_main
 from steps.params import load_params
 from steps.registry import CHAMPION, champion_version
 from steps.servers import LOOPBACK, ensure_port_free, free_port, stop_process_group, wait_http
-from steps.tracking import registry_exists, tracking_uri
+from steps.tracking import RegistryUnavailable, check_registry, registry_exists, tracking_uri
 
 SMOKE_PROMPT = "In Python, the for statement"
 
@@ -128,7 +128,12 @@ def champion_uri(uri: str, model_name: str) -> str | None:
 
 def serve_forever(project: Path, host: str, port: int, model_name: str) -> int:
     uri = tracking_uri(project)
-    model_uri = champion_uri(uri, model_name) if registry_exists(uri) else None
+    try:  # a locked or corrupt database is not "no champion"
+        check_registry(uri)
+        model_uri = champion_uri(uri, model_name) if registry_exists(uri) else None
+    except RegistryUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if model_uri is None:
         raise UserError(
             f"registered model {model_name!r} has no champion yet; run `llmpipe run` first"

@@ -30,6 +30,33 @@ def registry_exists(uri: str) -> bool:
     return not uri.startswith(prefix) or Path(uri[len(prefix) :]).is_file()
 
 
+class RegistryUnavailable(Exception):
+    """The tracking store and registry cannot be read (a locked or corrupt database, a server that
+    does not answer): a fault to report in one line, never to be taken for "no champion"."""
+
+
+def registry_name(uri: str) -> str:
+    """The registry as a user knows it: the sqlite file's path, else the tracking URI."""
+    return uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else uri
+
+
+def check_registry(uri: str) -> None:
+    """Raise RegistryUnavailable unless the store at `uri` answers (a sqlite file that does not
+    exist yet is fine: MLflow creates it on first write)."""
+    if not registry_exists(uri):
+        return
+    try:
+        from mlflow import MlflowClient
+
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as err:
+        text = str(err).strip()
+        reason = text.splitlines()[0] if text else type(err).__name__
+        raise RegistryUnavailable(
+            f"{registry_name(uri)}: cannot read the model registry: {reason}"
+        ) from None
+
+
 def flow_run() -> tuple[str, str] | None:
     """(tracking URI, run id) of the flow's MLflow run when this process runs inside a flow."""
     run_id, uri = os.environ.get("MLFLOW_RUN_ID"), os.environ.get("MLFLOW_TRACKING_URI")
