@@ -4,6 +4,9 @@ llmpipe run [-S section.key=value ...]        # the finetune flow (what `make ru
 llmpipe serve [--host H] [--port P]           # serve models:/llmpipe@champion with MLflow
 llmpipe perplexity --model M --input FILE     # score any model on any .txt/.jsonl file
 llmpipe sweep -S section.key=v1,v2 ...        # a grid of runs; only the best may be champion
+llmpipe models [--json]                       # registered versions, metrics, aliases, lineage
+llmpipe promote VERSION [--force --reason R]  # gate + serving check, then move champion
+llmpipe rollback                              # champion back to the version it replaced
 llmpipe deploy                                # the Prefect deployments, on PREFECT_API_URL
 llmpipe up                                    # Prefect server + UI, runner, MLflow UI
 llmpipe data add FILE [--remote DIR]          # validate, copy to data/raw, dvc add, dvc push
@@ -22,6 +25,7 @@ from flows.report import stages_text
 from steps.environment import quiet_offline_env
 from steps.errors import USER_ERROR_EXIT, UserError
 from steps.servers import LOOPBACK, MLFLOW_UI_PORT, PREFECT_PORT
+from steps.tracking import RegistryUnavailable
 
 
 def promotion_text(promotion: dict) -> str:
@@ -97,11 +101,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.finetune import check_inputs, finetune
     from flows.lock import WorkspaceBusy
     from flows.runner import UserInputError
+    from steps.tracking import check_registry, tracking_uri
 
     started = time.monotonic()
     check_inputs(Path.cwd(), args.set or [])  # fail fast, before Prefect starts
     unwind_on_signals()
     try:
+        check_registry(tracking_uri(Path.cwd()))
         summary = finetune(
             project_dir=".",
             overrides=args.set or [],
@@ -112,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (UserError, UserInputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return USER_ERROR_EXIT
-    except WorkspaceBusy as err:
+    except (WorkspaceBusy, RegistryUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
@@ -226,6 +232,31 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from flows.models import list_models
+    from steps.params import load_params
+
+    print(list_models(Path.cwd(), load_params(), args.json))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from flows.models import promote_version
+    from steps.params import load_params
+
+    said = promote_version(Path.cwd(), load_params(), args.version, args.force, args.reason)
+    print("\n".join(said))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from flows.models import rollback
+    from steps.params import load_params
+
+    print(rollback(Path.cwd(), load_params()))
+    return 0
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     from flows.deploy import apply_deployments
     from steps.params import load_params
@@ -300,9 +331,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--no-serve-check", action="store_true", help="skip the final smoke_serve")
     sweep.set_defaults(func=cmd_sweep)
+    models = sub.add_parser("models", help="registered versions: metrics, aliases, lineage")
+    models.add_argument("--json", action="store_true", help="print one JSON object")
+    models.set_defaults(func=cmd_models)
+    prom = sub.add_parser("promote", help="make VERSION the champion (gate, serving check)")
+    prom.add_argument("version", help="registered version number (see `llmpipe models`)")
+    prom.add_argument("--force", action="store_true", help="skip the gate (needs --reason)")
+    prom.add_argument("--reason", help="why the gate is skipped; recorded on the version")
+    prom.set_defaults(func=cmd_promote)
+    back = sub.add_parser("rollback", help="move champion back to the version it replaced")
+    back.set_defaults(func=cmd_rollback)
     deploy = sub.add_parser("deploy", help="create the Prefect deployments (manual, scheduled)")
     deploy.set_defaults(func=cmd_deploy)
-    stack = sub.add_parser("up", help="Prefect server + runner + MLflow UI on 127.0.0.1")
+    stack = sub.add_parser(
+        "up",
+        help="Prefect server (with a login) + runner + MLflow UI on 127.0.0.1",
+        description="The Prefect UI and API need a login: LLMPIPE_UI_AUTH=user:password, or, "
+        "when unset, one generated and shown once on this terminal.",
+    )
     stack.add_argument("--prefect-port", type=int, default=PREFECT_PORT)
     stack.add_argument("--mlflow-port", type=int, default=MLFLOW_UI_PORT)
     stack.set_defaults(func=cmd_up)
@@ -326,6 +372,9 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
+    except RegistryUnavailable as err:  # a locked or corrupt mlflow.db: a fault, in one line
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,19 @@
     llmpipe deploy     # create/update the deployments on the Prefect server at PREFECT_API_URL
     llmpipe up         # Prefect server + UI (:4200), the deployments' runner, MLflow UI (:5000)
 
-Two deployments of `finetune`, both limited to one run at a time:
-- `manual`: what a person starts from the Prefect UI's Run button, with the flow's typed parameter
-  form (base model, data, learning rate, steps, ...);
+Two deployments of the flows in flows/manual.py (both named `finetune`, and both run finetune's
+body on the project the runner serves), each limited to one run at a time:
+- `manual`: what a person starts from the Prefect UI's Run button, with a typed form (base model,
+  data, learning rate, steps, and edits of allow-listed params keys);
 - `retrain-on-new-data`: on the cron schedule from params.yaml (`schedule.cron`), it runs with
-  only_if_data_changed=True, so it finishes at once with "no new data" unless the data changed.
+  only_if_data_changed=True, so it finishes at once with "no new data" unless the data changed;
+  it takes no parameters (schedule.continue_from_champion is read from params.yaml when it runs).
+Neither takes a project directory or free params edits: the runner fixes the project.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from steps.errors import UserError
@@ -36,25 +40,22 @@ def check_schedule(params: Params) -> None:
 
 
 def build_deployments(project: Path, params: Params) -> list:
-    from flows.finetune import finetune
+    """The deployments; their runs use the project the runner serves (see serve_deployments), so
+    `project` only matters there."""
+    from flows.manual import manual_finetune, retrain_on_new_data
 
     check_schedule(params)
-    manual = finetune.to_deployment(
+    manual = manual_finetune.to_deployment(
         name=MANUAL,
-        parameters={"project_dir": str(project)},
         concurrency_limit=1,
-        description="Fine-tune on params.yaml; the form's fields override it for this run.",
+        description="Fine-tune on params.yaml; the form's fields (base_model.source, prepare.*, "
+        "train.*, evaluate.*) override it for this run.",
         tags=["llmpipe"],
     )
-    scheduled = finetune.to_deployment(
+    scheduled = retrain_on_new_data.to_deployment(
         name=SCHEDULED,
         cron=params.schedule.cron,
         paused=params.schedule.paused,
-        parameters={
-            "project_dir": str(project),
-            "only_if_data_changed": True,
-            "continue_from_champion": params.schedule.continue_from_champion,
-        },
         concurrency_limit=1,
         description="Retrain when the data's DVC hash differs from the champion's.",
         tags=["llmpipe"],
@@ -68,9 +69,13 @@ def apply_deployments(project: Path, params: Params) -> list[str]:
 
 
 def serve_deployments(project: Path, params: Params) -> None:
-    """Register the deployments and execute their runs in this process until interrupted."""
+    """Register the deployments and execute their runs (in child processes, which inherit
+    PROJECT_ENV) until interrupted."""
     from prefect import serve
 
+    from flows.manual import PROJECT_ENV
+
+    os.environ[PROJECT_ENV] = str(project.resolve())
     serve(*build_deployments(project, params), print_starting_message=True)
 
 

@@ -49,8 +49,14 @@ class StageOutcome:
 
 def stage_env(extra: dict[str, str]) -> dict[str, str]:
     """The environment of a stage: quiet and offline, this interpreter first on PATH (so `python`
-    in dvc.yaml is ours), plus `extra`."""
-    return with_interpreter_on_path({**quiet_offline_env(), **extra})
+    in dvc.yaml is ours), plus `extra`; without the Prefect UI's login (a stage never calls
+    Prefect, and the code it runs, a model's included, has no business with it)."""
+    from flows.stack import SECRET_VARS
+
+    env = {**quiet_offline_env(), **extra}
+    for name in SECRET_VARS:
+        env.pop(name, None)
+    return with_interpreter_on_path(env)
 
 
 def dvc_executable() -> str:

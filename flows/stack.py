@@ -1,48 +1,124 @@
-"""`llmpipe up`: the whole local stack on 127.0.0.1, stopped together by Ctrl-C.
+"""`llmpipe up`: the whole local stack on 127.0.0.1, stopped together by Ctrl-C (or SIGTERM, or
+SIGHUP when its terminal closes).
 
     llmpipe up [--prefect-port 4200] [--mlflow-port 5000]      # defaults: steps/servers.py
 
-1. a Prefect server with its UI (the UI is told its API's URL, so a non-default port works);
+1. a Prefect server with its UI (the UI is told its API's URL, so a non-default port works), behind
+   basic auth and CSRF protection: every API call needs the `user:password` login, and every write
+   a CSRF token besides (so neither another local process nor a web page reaching loopback can
+   start a run);
 2. a runner (`python -m flows.deploy`) that registers the deployments and executes their runs;
 3. the MLflow UI on the project's tracking store.
+
+The login is $LLMPIPE_UI_AUTH (`user:password`), or, when that is not set, generated and written
+once to the controlling terminal (never to stdout, which may be a log file). Only the server and the
+runner get it, through Prefect's own settings (PREFECT_SERVER_API_AUTH_STRING on the server,
+PREFECT_API_AUTH_STRING for the clients); the MLflow UI and the pipeline's stages do not.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TextIO
 
 from steps.environment import quiet_offline_env
+from steps.errors import UserError
 from steps.servers import LOOPBACK as HOST
 from steps.servers import MLFLOW_UI_PORT, PREFECT_PORT, stop_process_group, wait_http
 from steps.tracking import tracking_uri
 
+AUTH_ENV = "LLMPIPE_UI_AUTH"  # user:password for the Prefect UI and API; generated when unset
+GENERATED_USER = "llmpipe"
+# Prefect's own settings: what the server checks, and what its clients (the runner, the flow runs)
+# send. Neither is inherited from the caller's environment: `up` sets them.
+SERVER_AUTH, CLIENT_AUTH = "PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING"
+SECRET_VARS = (AUTH_ENV, SERVER_AUTH, CLIENT_AUTH)
+
+
+def ui_auth(environ: Mapping[str, str] = os.environ) -> tuple[str, bool]:
+    """The login as `user:password`, and whether it was generated (LLMPIPE_UI_AUTH unset)."""
+    given = environ.get(AUTH_ENV)
+    if given is None:
+        return f"{GENERATED_USER}:{secrets.token_urlsafe(18)}", True
+    user, sep, password = given.partition(":")
+    if not (sep and user and password and given.isascii() and given.isprintable()) or " " in given:
+        raise UserError(
+            f"{AUTH_ENV} must be user:password (both non-empty, printable ASCII, no spaces), "
+            f"e.g. {AUTH_ENV}=operator:$(openssl rand -hex 16); unset it to have one generated"
+        )
+    return given, False
+
+
+def open_terminal() -> TextIO | None:
+    """The controlling terminal (where `up` was typed) for writing, or None when there is none."""
+    try:
+        return open("/dev/tty", "w")
+    except OSError:
+        return None
+
 
 def stack_env(project: Path, prefect_port: int) -> dict[str, str]:
+    """What every child gets: quiet, offline, the Prefect API's URL; no credentials."""
     api = f"http://{HOST}:{prefect_port}/api"
-    return {
+    env = {
         **quiet_offline_env(),
         "PREFECT_API_URL": api,
         "PREFECT_UI_API_URL": api,  # the browser calls this URL; it must match the port
         "PREFECT_SERVER_API_HOST": HOST,
         "PREFECT_SERVER_API_PORT": str(prefect_port),
         "MLFLOW_TRACKING_URI": tracking_uri(project),
+        # on a terminal, `prefect server start` would otherwise stop to ask about profiles
+        "PREFECT_CLI_PROMPT": "false",
+    }
+    for name in SECRET_VARS:
+        env.pop(name, None)
+    return env
+
+
+def server_env(base: dict[str, str], auth: str) -> dict[str, str]:
+    """The server checks the login on every call but its health probe, and a CSRF token (one per
+    client, from GET /api/csrf-token?client=ID) on every write; its own services call it too."""
+    return {
+        **base,
+        SERVER_AUTH: auth,
+        CLIENT_AUTH: auth,
+        "PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED": "true",
     }
 
 
+def runner_env(base: dict[str, str], auth: str) -> dict[str, str]:
+    """The runner and its flow runs: Prefect's client sends the login and fetches CSRF tokens."""
+    return {**base, CLIENT_AUTH: auth, "PREFECT_CLIENT_CSRF_SUPPORT_ENABLED": "true"}
+
+
 def start(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
+    """`cmd` in its own session; it shares our output but never reads the terminal's input."""
+    return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def up(project: Path, prefect_port: int = PREFECT_PORT, mlflow_port: int = MLFLOW_UI_PORT) -> int:
+    auth, generated = ui_auth()
+    terminal = open_terminal() if generated else None
+    if generated and terminal is None:
+        raise UserError(
+            f"{AUTH_ENV} is not set and there is no terminal to show a generated login on "
+            f"(it is never printed to a log); set {AUTH_ENV}=user:password"
+        )
     env = stack_env(project, prefect_port)
     bin_dir = Path(sys.executable).parent
     procs: list[subprocess.Popen] = []
-    # SIGTERM (a service manager, `timeout`) must stop the children too: make it unwind like Ctrl-C.
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    # SIGTERM (a service manager, `timeout`) and SIGHUP (the terminal closed) must stop the
+    # children too: make them unwind like Ctrl-C.
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda signum, frame: sys.exit(0))
     try:
         server = start(
             [
@@ -54,12 +130,12 @@ def up(project: Path, prefect_port: int = PREFECT_PORT, mlflow_port: int = MLFLO
                 "--port",
                 str(prefect_port),
             ],
-            env,
+            server_env(env, auth),
             project,
         )
         procs.append(server)
         wait_http(f"http://{HOST}:{prefect_port}/api/health", server, "prefect server")
-        procs.append(start([sys.executable, "-m", "flows.deploy"], env, project))
+        procs.append(start([sys.executable, "-m", "flows.deploy"], runner_env(env, auth), project))
         mlflow_ui = start(
             [
                 str(bin_dir / "mlflow"),
@@ -76,14 +152,23 @@ def up(project: Path, prefect_port: int = PREFECT_PORT, mlflow_port: int = MLFLO
         )
         procs.append(mlflow_ui)
         wait_http(f"http://{HOST}:{mlflow_port}/health", mlflow_ui, "mlflow ui")
+        login = "the user:password below" if generated else f"the user:password in ${AUTH_ENV}"
         print(
             f"llmpipe is up (Ctrl-C stops everything):\n"
             f"  Prefect UI  http://{HOST}:{prefect_port}  (deployments: finetune/manual, "
             f"finetune/retrain-on-new-data)\n"
+            f"              log in with {login}\n"
             f"  MLflow UI   http://{HOST}:{mlflow_port}\n"
             f"  serve the champion with: llmpipe serve",
             flush=True,
         )
+        if terminal is not None:
+            with contextlib.suppress(OSError):  # the terminal may be gone already
+                terminal.write(
+                    f"  Prefect UI login (type it whole): {auth}\n"
+                    f"  (shown only here, once; set {AUTH_ENV}=user:password to choose one)\n"
+                )
+                terminal.close()
         while all(p.poll() is None for p in procs):
             time.sleep(1)
         dead = next(p for p in procs if p.poll() is not None)
@@ -96,5 +181,12 @@ def up(project: Path, prefect_port: int = PREFECT_PORT, mlflow_port: int = MLFLO
         print("\nstopping llmpipe ...", flush=True)
         return 0
     finally:
-        for proc in procs:
+        # a second Ctrl-C or signal must not cut the clean-up short and leave servers behind
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+        if terminal is not None:
+            with contextlib.suppress(OSError):
+                terminal.close()
+        # last started, first stopped: the runner still reaches the server while it shuts down
+        for proc in reversed(procs):
             stop_process_group(proc, grace=20)
