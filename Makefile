@@ -48,6 +48,7 @@ lint: $(STAMP)  ## ruff check + ruff format --check, one line length (pyproject.
 lock: $(STAMP)  ## re-pin constraints.txt to what is installed now
 	{ echo "# Versions the tests ran with (pip freeze). \`make\` installs with -c constraints.txt; refresh with \`make lock\`."; \
 	  $(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/'; } > constraints.txt
+	touch $(STAMP)  # the venv is what constraints.txt now says: nothing to reinstall
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -132,9 +132,6 @@ PROJECT_FILES = [
 def make_project(dest: Path, params: dict[str, dict]) -> Path:
     """A throwaway copy of the pipeline (a git repo with DVC), with params.yaml keys replaced."""
     import shutil
-    import subprocess
-
-    from ruamel.yaml import YAML
 
     for name in PROJECT_FILES:
         src = REPO / name
@@ -143,17 +140,31 @@ def make_project(dest: Path, params: dict[str, dict]) -> Path:
         else:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
+    edit_params(dest / "params.yaml", params)
+    commit_all(dest, "test project")
+    return dest
+
+
+def edit_params(path: Path, params: dict[str, dict]) -> None:
+    """Replace keys of params.yaml section by section, keeping its comments."""
+    from ruamel.yaml import YAML
+
     rt = YAML()
-    doc = rt.load((dest / "params.yaml").read_text())
+    doc = rt.load(path.read_text())
     for section, values in params.items():
         doc[section].update(values)
-    with (dest / "params.yaml").open("w") as f:
+    with path.open("w") as f:
         rt.dump(doc, f)
+
+
+def commit_all(dest: Path, message: str) -> None:
+    """`git init` (when needed) and commit everything in `dest` that git does not ignore."""
+    import subprocess
+
     git = ["git", "-c", "user.email=ci@llmpipe.invalid", "-c", "user.name=ci"]
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "test project"], cwd=dest, check=True)
-    return dest
+    subprocess.run([*git, "commit", "-qm", message], cwd=dest, check=True)
 
 
 def tiny_params(model_dir: Path, **train: object) -> dict[str, dict]:

@@ -364,8 +364,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Prefect allows its temporary server 20 s to start; a busy laptop can take longer.
+EPHEMERAL_STARTUP_S = "120"
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.update(quiet_offline_env())
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_S)
     args = build_parser().parse_args(argv)
     try:
         sys.exit(args.func(args))

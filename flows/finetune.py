@@ -37,7 +37,7 @@ from flows.tracking import (
 )
 from steps.errors import UserError
 from steps.outputs import write_bytes
-from steps.params import EMBEDDED_CORPUS, Params, apply_overrides
+from steps.params import EMBEDDED_CORPUS, EMBEDDED_MODEL, Params, apply_overrides
 from steps.prepare import check_block_size, read_documents, split_documents
 from steps.registry import champion_version
 from steps.stages import STAGE, Stage, dvc_stages
@@ -120,10 +120,30 @@ def check_inputs(project: Path, overrides: list[str]) -> Params:
         docs = read_documents(data, params.prepare.text_field)
         split_documents(docs, params.prepare, Path(params.prepare.data))
     read_documents(project_path(project, params.evaluate.reference_data))
+    check_model_source(project, params.base_model.source)
     source = project_path(project, params.base_model.source)
     if (source / "config.json").is_file():
         check_block_size(params.prepare.block_size, source / "config.json")
     return params
+
+
+def check_model_source(project: Path, source: str) -> None:
+    """A base_model.source spelled as a path (absolute, ./, ../, ~, or deeper than org/name) must
+    be a directory with a config.json; a Hugging Face id (name or org/name) is left to the stage."""
+    if source == EMBEDDED_MODEL or source.startswith("models:/"):
+        return
+    local = project_path(project, source)
+    looks_like_path = source.startswith(("/", ".", "~")) or source.count("/") > 1
+    if local.exists() and not (local / "config.json").is_file():
+        raise UserError(
+            f"base_model.source: {source}: no config.json there; give a model directory, "
+            "a Hugging Face id (org/name) or 'smollm2-gguf'"
+        )
+    if not local.exists() and looks_like_path:
+        raise UserError(
+            f"base_model.source: {source}: no such directory; give a model directory, "
+            "a Hugging Face id (org/name) or 'smollm2-gguf'"
+        )
 
 
 @contextmanager

@@ -230,6 +230,11 @@ USER_ERRORS = {
         None,
         r"prepare\.block_size \(1024\) exceeds the base model's maximum positions \(512, ",
     ),
+    "a model directory that does not exist": (
+        ["-S", "base_model.source=/path/to/hf-model-dir"],
+        None,
+        r"base_model\.source: /path/to/hf-model-dir: no such directory; give a model directory",
+    ),
     "a corpus that cannot be split": (
         ["-S", "prepare.data=data/raw/one.txt"],
         ("data/raw/one.txt", "A single document cannot be both trained on and held out.\n"),
@@ -247,7 +252,7 @@ def test_user_errors_are_one_line_and_touch_nothing(project, args, setup, expect
     mlflow_uri = uri_of(project)
     if setup:
         (project / setup[0]).write_text(setup[1])
-    watched = ["params.yaml", "dvc.lock", "metrics/eval.json"]
+    watched = ["params.yaml", "dvc.lock", "metrics/eval.json", "models/base/config.json"]
     before = {name: (project / name).read_bytes() for name in watched}
     registry = registry_state(mlflow_uri)
     experiment = MlflowClient(mlflow_uri).get_experiment_by_name("llmpipe").experiment_id
