@@ -5,24 +5,23 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.workloads import make_project, tiny_params
 from steps.registry import alias_version, champion_version
 
 pytestmark = pytest.mark.integration
 
 
-def test_a_candidate_over_the_latency_budget_is_not_promoted(
-    tmp_path, tiny_model_dir, prefect_server
-):
+def test_a_candidate_over_the_latency_budget_is_not_promoted(project, prefect_server):
+    """The golden project's model, as a candidate with no champion yet (its stages all cached):
+    it passes the gate against the base model, then misses a latency budget no model can meet."""
     from mlflow import MlflowClient
 
     from flows.finetune import finetune
 
-    params = tiny_params(tiny_model_dir, learning_rate=3e-3)
-    params["serve"] = {"max_p95_ms": 0.001, "smoke_requests": 2}  # no model answers in 1 us
-    project = make_project(tmp_path / "project", params)
-    summary = finetune(project_dir=str(project))
     uri = f"sqlite:///{project}/mlflow.db"
+    MlflowClient(uri).delete_registered_model_alias("llmpipe", "champion")
+    budget = ["serve.max_p95_ms=0.001", "serve.smoke_requests=2"]  # no model answers in 1 us
+    summary = finetune(project_dir=str(project), overrides=budget)
+    assert [s["name"] for s in summary["stages"] if not s["skipped"]] == ["model_source"]
     assert summary["register"]["promote"] is True  # the gate passed (first model vs the base)
     assert summary["promotion"]["promoted"] is False
     assert summary["promotion"]["reasons"][-1].startswith("too slow: p95 ")
@@ -33,7 +32,7 @@ def test_a_candidate_over_the_latency_budget_is_not_promoted(
         float(challenger.tags["serve_p95_ms"]) > 0.001 and challenger.tags["serve_requests"] == "2"
     )
 
-    unchecked = finetune(project_dir=str(project), serve_check=False)  # cached: same candidate
+    unchecked = finetune(project_dir=str(project), overrides=budget, serve_check=False)
     assert unchecked["promotion"] == {
         "promoted": False,
         "reasons": [*unchecked["register"]["reasons"],

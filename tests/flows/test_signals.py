@@ -78,10 +78,8 @@ def test_a_run_stopped_at_any_step_changes_nothing_and_leaves_nothing(tmp_path, 
         while (left := processes_in(project)) and time.monotonic() < deadline:
             time.sleep(0.5)
         assert not left, [" ".join(p.cmdline())[:120] for p in left]
-    # the same run, not stopped, would have promoted: the stops above are what kept the champion
-    done = subprocess.run([LLMPIPE, "run"], cwd=project, env=env, text=True, capture_output=True)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert champion_version(uri, "llmpipe") is not None
+        if sig == signal.SIGINT:  # smoke_serve runs only for a candidate that passed the gate:
+            assert "register: gate passed=True" in output  # only the stop kept the champion
 
 
 def test_a_task_timeout_on_smoke_serve_stops_the_scoring_server(project, prefect_server):
