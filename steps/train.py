@@ -129,7 +129,11 @@ def train(
     model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True)
     ckpt_dir = checkpoints / f"train-{run_fingerprint(params, data_dir, base_dir)}"
     resume = last_complete_checkpoint(ckpt_dir)
-    if resume:
+    done = finished_state(resume, params.max_steps)
+    if done is not None:  # killed after the last step was saved: resuming would train one more
+        print(f"train: {resume} holds all {params.max_steps} steps; not training again")
+        model = AutoModelForCausalLM.from_pretrained(resume, use_safetensors=True)
+    elif resume:
         print(f"train: resuming from {resume}")
     trainer = Trainer(
         model=model,
@@ -138,15 +142,21 @@ def train(
         data_collator=causal_lm_batch,
     )
     started = time.perf_counter()
-    with inside_flow_run():  # the Trainer's MLflow callback logs the loss curve into the flow's run
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if done is None:
+        with inside_flow_run():  # the Trainer's MLflow callback logs the loss curve into the run
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        train_loss, steps = result.training_loss, result.global_step
+    else:
+        trainer.state.log_history = done["log_history"]
+        logged = [row["loss"] for row in done["log_history"] if "loss" in row]
+        train_loss, steps = sum(logged) / max(len(logged), 1), done["global_step"]
     seconds = time.perf_counter() - started
     trainer.remove_callback(MLflowCallback)  # it would open a stray run for the evaluation
     metrics = {
-        "train_loss": result.training_loss,
-        "steps": result.global_step,
+        "train_loss": train_loss,
+        "steps": steps,
         "train_seconds": seconds,
-        "tokens_seen": result.global_step
+        "tokens_seen": steps
         * params.batch_size
         * params.gradient_accumulation_steps
         * len(train_set[0]["input_ids"]),
@@ -161,6 +171,15 @@ def train(
     write_json(metrics_file, metrics)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return metrics
+
+
+def finished_state(checkpoint: Path | None, max_steps: int) -> dict | None:
+    """The trainer state of a checkpoint that already holds every step (None otherwise). The
+    Trainer, resumed from such a checkpoint, would take one step more than max_steps."""
+    if checkpoint is None:
+        return None
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return state if state["global_step"] >= max_steps else None
 
 
 def write_loss_curve(history: list[dict], path: Path) -> None:

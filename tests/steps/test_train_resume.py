@@ -93,3 +93,42 @@ def test_the_fingerprint_covers_the_base_weights(tmp_path, tiny_model_dir):
     assert run_fingerprint(TrainParams(), data, other) != run_fingerprint(
         TrainParams(), data, tiny_model_dir
     )
+
+
+def test_a_run_killed_after_its_last_checkpoint_does_not_train_again(
+    tmp_path, monkeypatch, tiny_model_dir, capsys
+):
+    """Killed after the final checkpoint was saved (while saving the model or evaluating): the
+    retry takes the finished weights; resumed, the Trainer would take a step past max_steps."""
+    from transformers import AutoTokenizer, Trainer
+
+    from steps.params import PrepareParams, TrainParams
+    from steps.prepare import prepare
+    from steps.train import train
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prepared, ckpts = tmp_path / "prepared", tmp_path / "checkpoints"
+    prepare(PrepareParams(block_size=16), tmp_path / "docs.jsonl", tokenizer, prepared)
+    params = TrainParams(max_steps=4, save_steps=2, batch_size=2, learning_rate=1e-3, seed=7)
+    outs = (tmp_path / "tuned", tmp_path / "train.json", tmp_path / "loss.csv", ckpts)
+    clean = tmp_path / "clean"
+    expected = train(params, tiny_model_dir, prepared, clean / "tuned", clean / "train.json",
+                     clean / "loss.csv", clean / "ckpt")  # fmt: skip
+
+    def killed_while_evaluating(self, *args, **kwargs):
+        raise RuntimeError("simulated kill after the last checkpoint")
+
+    monkeypatch.setattr(Trainer, "evaluate", killed_while_evaluating)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        train(params, tiny_model_dir, prepared, *outs)
+    [run_dir] = ckpts.glob("train-*")
+    assert "checkpoint-4" in {p.name for p in run_dir.iterdir()}
+    monkeypatch.undo()
+    capsys.readouterr()
+    metrics = train(params, tiny_model_dir, prepared, *outs)
+    assert "holds all 4 steps; not training again" in capsys.readouterr().out
+    assert metrics["steps"] == 4
+    assert losses(tmp_path / "loss.csv") == pytest.approx(losses(clean / "loss.csv"), abs=1e-6)
+    assert metrics["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5)
+    assert metrics["eval_loss"] == pytest.approx(expected["eval_loss"], abs=1e-5)
