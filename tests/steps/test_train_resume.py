@@ -16,6 +16,19 @@ DOCS = [
 ]
 
 
+def prepared_data(tmp_path, tiny_model_dir):
+    """DOCS prepared for the tiny model in blocks of 16 tokens: the directory."""
+    from transformers import AutoTokenizer
+
+    from steps.params import PrepareParams
+    from steps.prepare import prepare
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prepare(PrepareParams(block_size=16), tmp_path / "docs.jsonl", tokenizer, tmp_path / "prepared")
+    return tmp_path / "prepared"
+
+
 def losses(path) -> dict[int, float]:
     with path.open() as f:
         return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(f)}
@@ -24,16 +37,12 @@ def losses(path) -> dict[int, float]:
 def test_a_retry_resumes_from_the_last_complete_checkpoint_exactly(
     tmp_path, monkeypatch, tiny_model_dir, capsys
 ):
-    from transformers import AutoTokenizer, Trainer
+    from transformers import Trainer
 
-    from steps.params import PrepareParams, TrainParams
-    from steps.prepare import prepare
+    from steps.params import TrainParams
     from steps.train import train
 
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prepared, ckpts = tmp_path / "prepared", tmp_path / "checkpoints"
-    prepare(PrepareParams(block_size=16), tmp_path / "docs.jsonl", tokenizer, prepared)
+    prepared, ckpts = prepared_data(tmp_path, tiny_model_dir), tmp_path / "checkpoints"
     params = TrainParams(max_steps=8, save_steps=2, batch_size=2, learning_rate=1e-3, seed=7)
     outs = (tmp_path / "tuned", tmp_path / "train.json", tmp_path / "loss.csv", ckpts)
     clean = tmp_path / "clean"  # the same run, never interrupted
@@ -100,16 +109,12 @@ def test_a_run_killed_after_its_last_checkpoint_does_not_train_again(
 ):
     """Killed after the final checkpoint was saved (while saving the model or evaluating): the
     retry takes the finished weights; resumed, the Trainer would take a step past max_steps."""
-    from transformers import AutoTokenizer, Trainer
+    from transformers import Trainer
 
-    from steps.params import PrepareParams, TrainParams
-    from steps.prepare import prepare
+    from steps.params import TrainParams
     from steps.train import train
 
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prepared, ckpts = tmp_path / "prepared", tmp_path / "checkpoints"
-    prepare(PrepareParams(block_size=16), tmp_path / "docs.jsonl", tokenizer, prepared)
+    prepared, ckpts = prepared_data(tmp_path, tiny_model_dir), tmp_path / "checkpoints"
     params = TrainParams(max_steps=4, save_steps=2, batch_size=2, learning_rate=1e-3, seed=7)
     outs = (tmp_path / "tuned", tmp_path / "train.json", tmp_path / "loss.csv", ckpts)
     clean = tmp_path / "clean"
