@@ -23,8 +23,34 @@ SAMPLE_TEXT = [
 ]
 
 
+# A ChatML template (the layout SmolLM2-Instruct uses), written for the tests' chat model.
+CHATML_TEMPLATE = (
+    "{% for m in messages %}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def build_tiny_chat_model(out: Path, seed: int = 0) -> Path:
+    """The tiny Llama with ChatML turn tokens and a chat template; `<|im_end|>` is EOS."""
+    tokenizer = _tiny_tokenizer(chat=True)
+    tokenizer.chat_template = CHATML_TEMPLATE
+    shape = dict(TINY_LLAMA, vocab_size=len(tokenizer))
+    shape.update(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    save_random_llama(out, shape, tokenizer, seed)
+    return out
+
+
 def build_tiny_model(out: Path, seed: int = 0) -> Path:
     """Write config, safetensors weights, tokenizer and generation config of a 2-layer Llama."""
+    tokenizer = _tiny_tokenizer()
+    save_random_llama(out, dict(TINY_LLAMA, vocab_size=len(tokenizer)), tokenizer, seed)
+    return out
+
+
+def _tiny_tokenizer(chat: bool = False):
+    """A 400-token byte-level BPE trained on SAMPLE_TEXT (plus ChatML's two turn tokens)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -37,16 +63,16 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     bpe.train_from_iterator(SAMPLE_TEXT * 20, trainer)
-    tokenizer = PreTrainedTokenizerFast(
+    turn = ["<|im_start|>", "<|im_end|>"] if chat else []
+    return PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         unk_token="<unk>",
         bos_token="<s>",
-        eos_token="</s>",
-        pad_token="</s>",
+        eos_token="<|im_end|>" if chat else "</s>",
+        pad_token="<|im_end|>" if chat else "</s>",
+        additional_special_tokens=turn,
         model_max_length=512,
     )
-    save_random_llama(out, dict(TINY_LLAMA, vocab_size=len(tokenizer)), tokenizer, seed)
-    return out
 
 
 def save_random_llama(out: Path, shape: dict, tokenizer, seed: int = 0) -> int:

@@ -25,6 +25,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with ChatML turn tokens and a chat template (EOS = <|im_end|>)."""
+    from benchmarks.workloads import build_tiny_chat_model
+
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat") / "model")
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
