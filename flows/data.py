@@ -25,8 +25,8 @@ from flows.runner import dvc_executable, stage_env
 from steps.environment import cache_dir
 from steps.errors import UserError
 from steps.outputs import copy_file, write_bytes
-from steps.params import EMBEDDED_CORPUS, apply_overrides, load_params
-from steps.prepare import read_documents
+from steps.params import EMBEDDED_DATA, PrepareParams, apply_overrides, load_params
+from steps.records import read_records
 
 RAW_DIR = Path("data/raw")
 BINARY_SNIFF_BYTES = 8192  # a NUL byte in the first 8 KiB means "not a text file"
@@ -55,8 +55,9 @@ def default_remote() -> Path:
     return cache_dir() / "dvc-remote"
 
 
-def validate_text_file(path: Path, text_field: str) -> int:
-    """Number of documents in a .txt/.jsonl file; UserError naming the file (and line) otherwise."""
+def validate_text_file(path: Path, params: PrepareParams) -> int:
+    """Number of records (documents or conversations) in a .txt/.jsonl file; UserError naming the
+    file (and line) otherwise."""
     if not path.is_file():
         raise UserError(f"{path}: no such file; give the path of a .txt or .jsonl file")
     if path.suffix not in (".txt", ".jsonl"):
@@ -64,7 +65,7 @@ def validate_text_file(path: Path, text_field: str) -> int:
     with path.open("rb") as f:
         if b"\0" in f.read(BINARY_SNIFF_BYTES):
             raise UserError(f"{path}: looks binary (NUL bytes); give a UTF-8 text file")
-    return len(read_documents(path, text_field))
+    return len(read_records(path, params).dataset)
 
 
 def dvc(project: Path, *args: str) -> str:
@@ -100,11 +101,11 @@ def ensure_remote(project: Path, remote: str | None) -> str:
 
 def add_data(source: Path, project: Path, remote: str | None = None, force: bool = False) -> dict:
     params = load_params(project / "params.yaml")
-    documents = validate_text_file(source, params.prepare.text_field)
+    documents = validate_text_file(source, params.prepare)
     dest = project / RAW_DIR / source.name
     relative = str(dest.relative_to(project))
-    if relative == EMBEDDED_CORPUS:
-        raise UserError(f"{relative}: is the corpus stage's output; rename your file")
+    if relative in EMBEDDED_DATA:
+        raise UserError(f"{relative}: is the output of a stage (embedded data); rename your file")
     same = dest.is_file() and dest.read_bytes() == source.read_bytes()
     if dest.exists() and not same and not force:
         raise UserError(

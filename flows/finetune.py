@@ -37,8 +37,9 @@ from flows.tracking import (
 )
 from steps.errors import UserError
 from steps.outputs import write_bytes
-from steps.params import EMBEDDED_CORPUS, EMBEDDED_MODEL, Params, apply_overrides
-from steps.prepare import check_block_size, read_documents, split_documents
+from steps.params import EMBEDDED_DATA, EMBEDDED_MODEL, Params, apply_overrides
+from steps.prepare import assign_splits, check_block_size
+from steps.records import read_records, read_texts
 from steps.registry import champion_version
 from steps.stages import STAGE, Stage, dvc_stages
 from steps.tracking import EXPERIMENT, RegistryUnavailable, check_registry, tracking_uri
@@ -115,11 +116,10 @@ def check_inputs(project: Path, overrides: list[str]) -> Params:
     reference files, that the data splits into non-empty train and test sets, and the block size
     against a local base model's maximum positions. Writes nothing: a mistake leaves no trace."""
     params = apply_overrides(project / "params.yaml", overrides, write=False)
-    if params.prepare.data != EMBEDDED_CORPUS:  # the embedded corpus is made by the corpus stage
+    if params.prepare.data not in EMBEDDED_DATA:  # the embedded data sets are made by stages
         data = project_path(project, params.prepare.data)
-        docs = read_documents(data, params.prepare.text_field)
-        split_documents(docs, params.prepare, Path(params.prepare.data))
-    read_documents(project_path(project, params.evaluate.reference_data))
+        assign_splits(read_records(data, params.prepare), params.prepare, Path(params.prepare.data))
+    read_texts(project_path(project, params.evaluate.reference_data))
     check_model_source(project, params.base_model.source)
     source = project_path(project, params.base_model.source)
     if (source / "config.json").is_file():

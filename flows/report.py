@@ -16,6 +16,31 @@ def stages_text(stages: list[dict]) -> str:
     )
 
 
+def data_card_lines(card: dict) -> list[str]:
+    """The data card (metrics/data.json) as a markdown table: what each split kept and removed."""
+    splits = card["splits"]
+    lines = [
+        f"{card['records_in']} records in; {card['exact_duplicates_removed']} exact duplicates "
+        f"removed; {card['near_duplicates_removed_from_train']} near duplicates of test records "
+        f"removed from train (MinHash, Jaccard >= {card['near_duplicate_threshold']}).",
+        "",
+        "| split | records | truncated | dropped | tokens | supervised tokens | blocks |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in ("train", "validation", "test"):
+        s = splits[name]
+        cells = [s.get(k, "-") for k in ("records", "truncated", "dropped", "tokens")]
+        cells += [s.get("supervised_tokens", "-"), s.get("blocks", "-")]
+        lines.append(f"| {name} | " + " | ".join(str(c) for c in cells) + " |")
+    histogram = splits["train"].get("length_histogram", {})
+    if histogram:
+        lines += [
+            "",
+            "Train lengths (tokens): " + ", ".join(f"{k}: {v}" for k, v in histogram.items()),
+        ]
+    return ["## Data card", "", *lines]
+
+
 def report_markdown(summary: dict, project: Path) -> str:
     m, reg, promotion = summary["metrics"], summary["register"], summary["promotion"]
     stats = json.loads((project / STAGE["prepare"].path("out") / "stats.json").read_text())
@@ -25,13 +50,13 @@ def report_markdown(summary: dict, project: Path) -> str:
         "# llmpipe finetune run",
         "",
         "## Data",
-        f"- file `{stats['data']}`, DVC hash `{lineage.get('data_hash', '?')}`",
-        f"- train {stats['train']['documents']} documents / {stats['train']['tokens']} tokens; "
-        f"validation {stats['validation']['documents']}; test {stats['test']['documents']} "
-        f"(split hash `{m['test_split_hash'][:12]}`)",
+        f"- file `{stats['data']}` ({stats['format']}), DVC hash "
+        f"`{lineage.get('data_hash', '?')}`, test split hash `{m['test_split_hash'][:12]}`",
         f"- stages: {stages_text(summary['stages'])}",
         "",
-        "## Metrics (held-out test split; lower is better)",
+        *data_card_lines(stats),
+        "",
+        f"## Metrics (held-out test split, {m.get('scored', 'documents')}; lower is better)",
         "| | base | tuned |",
         "| --- | --- | --- |",
         f"| perplexity | {m['base_perplexity']:.3f} | {m['perplexity']:.3f} |",

@@ -23,24 +23,38 @@ from __future__ import annotations
 from pathlib import Path
 
 from steps.arguments import stage_arguments
+from steps.chat import check_chat_template
 from steps.outcome import run_main
 from steps.outputs import write_json
 from steps.params import EvaluateParams, load_params
 from steps.plots import write_figure, write_perplexity_csv
-from steps.prepare import read_documents
-from steps.samples import complete_prompts, sample_prompts
-from steps.scoring import heldout_texts, load_metric, load_model, measurement, perplexity
+from steps.records import read_texts
+from steps.samples import answer_chats, chat_prompts, complete_prompts, sample_prompts
+from steps.scoring import (
+    Heldout,
+    heldout,
+    load_metric,
+    load_model,
+    measurement,
+    perplexity,
+    score_heldout,
+)
 from steps.tracking import log_to_flow_run
 
 
-def evaluate_model(metric, model_dir: Path, texts, reference, prompts, params, split_hash) -> dict:
-    """Load a model once; score held-out and reference texts and complete the prompts with it."""
+def evaluate_model(model_dir: Path, held: Heldout, reference, prompts, params) -> dict:
+    """Load a model once; score held-out and reference texts and answer the prompts with it."""
     model, tokenizer = load_model(str(model_dir))
+    if held.kind == "chat":
+        check_chat_template(tokenizer, str(model_dir))
+        samples = answer_chats(model, tokenizer, prompts, params.sample_tokens)
+    else:
+        samples = complete_prompts(model, tokenizer, prompts, params.sample_tokens)
     return {
-        "measured": measurement(model, tokenizer, params, split_hash),
-        "heldout": perplexity(metric, model, tokenizer, texts, params),
-        "reference": perplexity(metric, model, tokenizer, reference, params),
-        "samples": complete_prompts(model, tokenizer, prompts, params.sample_tokens),
+        "measured": measurement(model, tokenizer, params, held.split_hash, held.kind),
+        "heldout": score_heldout(load_metric(held.kind), model, tokenizer, held, params),
+        "reference": perplexity(load_metric(), model, tokenizer, reference, params),
+        "samples": samples,
     }
 
 
@@ -74,16 +88,21 @@ def compare(base: dict, tuned: dict, split_hash: str) -> dict:
 
 def run(params: EvaluateParams, args) -> dict:
     """Score base and tuned; write metrics, samples, plots; log them to the flow's run."""
-    reference = read_documents(args.reference)
-    texts, split_hash = heldout_texts(args.prepared)
-    prompts = sample_prompts(texts, params.samples)
-    metric = load_metric()
-    base = evaluate_model(metric, args.base_model, texts, reference, prompts, params, split_hash)
-    print(f"evaluate: base perplexity {base['heldout']['perplexity']:.3f}")
-    tuned = evaluate_model(metric, args.tuned_model, texts, reference, prompts, params, split_hash)
-    print(f"evaluate: tuned perplexity {tuned['heldout']['perplexity']:.3f}")
+    reference = read_texts(args.reference)
+    held = heldout(args.prepared)
+    split_hash = held.split_hash
+    if held.kind == "chat":
+        prompts = chat_prompts(held.items, params.samples)
+        shown = [p[-1]["content"] for p in prompts]
+    else:
+        prompts = shown = sample_prompts(held.items, params.samples)
+    base = evaluate_model(args.base_model, held, reference, prompts, params)
+    print(f"evaluate: base {held.kind} perplexity {base['heldout']['perplexity']:.3f}")
+    tuned = evaluate_model(args.tuned_model, held, reference, prompts, params)
+    print(f"evaluate: tuned {held.kind} perplexity {tuned['heldout']['perplexity']:.3f}")
     result = compare(base, tuned, split_hash)
-    samples = {"prompt": prompts, "base": base["samples"], "tuned": tuned["samples"]}
+    result["scored"] = "responses" if held.kind == "chat" else "documents"
+    samples = {"prompt": shown, "base": base["samples"], "tuned": tuned["samples"]}
     write_json(args.metrics, result)
     write_json(args.samples, samples)
     write_perplexity_csv(result, args.perplexity_plot)

@@ -28,6 +28,8 @@ EMBEDDED_MODEL = (
 
 PARAMS_FILE = "params.yaml"  # at the project root, beside dvc.yaml
 EMBEDDED_CORPUS = "data/raw/pydoc_topics.jsonl"  # written by the corpus stage
+EMBEDDED_CHAT = "data/raw/stdlib_qa.jsonl"  # written by the qa_corpus stage
+EMBEDDED_DATA = (EMBEDDED_CORPUS, EMBEDDED_CHAT)
 
 
 class _Section(BaseModel):
@@ -44,11 +46,30 @@ class BaseModelParams(_Section):
 
 
 class PrepareParams(_Section):
-    data: str = Field(EMBEDDED_CORPUS, description=".jsonl ({'text': ...} per line) or .txt file")
+    data: str = Field(
+        EMBEDDED_CORPUS,
+        description=".jsonl, .txt, .csv or .parquet file, a directory of them, or a saved dataset",
+    )
     text_field: str = Field("text", description="key of the text in each JSONL object")
+    format: Literal["auto", "text", "chat"] = Field(
+        "auto", description="record kind; auto = decided by the first record of the data"
+    )
+    messages_field: str = Field(
+        "messages", description="key of a chat record's [{'role', 'content'}] turns"
+    )
     block_size: int = Field(256, ge=8, le=65536, description="tokens per training sequence")
     test_fraction: float = Field(0.15, gt=0, lt=0.5, description="share of documents held out")
     validation_fraction: float = Field(0.05, ge=0, lt=0.5, description="share for validation")
+    overlong: Literal["truncate", "drop"] = Field(
+        "truncate", description="a conversation longer than block_size: cut to it, or left out"
+    )
+    near_duplicate_threshold: float = Field(
+        0.8,
+        gt=0,
+        le=1.01,
+        description="Jaccard similarity (MinHash, word 5-grams) at which a training record counts "
+        "as a near duplicate of a test record and is removed; above 1 = never",
+    )
 
 
 class TrainParams(_Section):
@@ -64,6 +85,19 @@ class TrainParams(_Section):
     )
     save_steps: int = Field(20, ge=1, description="steps between checkpoints a retry resumes from")
     seed: int = 42
+    method: Literal["full", "lora", "qlora"] = Field(
+        "full",
+        description="full = every weight; lora = low-rank adapters on the frozen base; "
+        "qlora = lora on a 4-bit base (CUDA + bitsandbytes)",
+    )
+    lora_r: int = Field(16, ge=1, le=4096, description="rank of each LoRA update (lora, qlora)")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scale numerator: updates scale by alpha/r")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch input")
+    lora_target_modules: str | list[str] = Field(
+        "all-linear",
+        description="'all-linear' (attention and MLP projections, not the output head) or Linear "
+        "module names, a list or comma-separated (q_proj,v_proj)",
+    )
 
 
 class EvaluateParams(_Section):

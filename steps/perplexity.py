@@ -11,7 +11,7 @@ from pathlib import Path
 
 from steps.errors import UserError
 from steps.params import EvaluateParams
-from steps.prepare import read_documents
+from steps.records import read_texts
 from steps.scoring import load_metric, load_model, perplexity
 
 
@@ -24,7 +24,7 @@ def score_file(
         raise UserError(
             f"--model {model}: no config.json there; give a model directory or models:/NAME@ALIAS"
         )
-    texts = read_documents(input_file, text_field)
+    texts = read_texts(input_file, text_field)
     if model.startswith("models:/"):
         import mlflow
 

@@ -1,71 +1,42 @@
-"""Read the corpus, split it by document hash, tokenize and pack into fixed-length blocks.
+"""Read the data, split it by record hash, drop duplicates, tokenize and pack into blocks.
 
     python -m steps.prepare --params params.yaml --data data/raw/pydoc_topics.jsonl \
-        --base-model models/base --out data/prepared                 # the DVC stage `prepare`
+        --base-model models/base --out data/prepared --card metrics/data.json   # DVC stage
 
-Input (`--data`, which dvc.yaml fills in from `prepare.data`): a `.jsonl` file with one JSON object
-per line holding the text under `prepare.text_field`, or a `.txt` file whose documents are separated
-by blank lines.
-Output: `train` and `validation` datasets of `input_ids` blocks of `prepare.block_size` tokens, with
-an EOS token after every document; a `test` dataset of whole held-out documents (`text`), scored by
-steps.evaluate with a sliding window; `stats.json` with counts and the test split's hash.
+Input (`--data`, which dvc.yaml fills in from `prepare.data`): text documents or chat records in
+any format steps/records.py reads (.jsonl, .txt, .csv, .parquet, a directory, a saved dataset).
+Each record lands in train, validation or test by the hash of its content, so the split is the
+same on every machine; exact duplicates are dropped, and training records that nearly repeat a
+test record (MinHash, steps/dedup.py) are removed from train.
+Output, text: `train` and `validation` datasets of `input_ids` blocks of `prepare.block_size`
+tokens, documents back to back with an EOS token after each; `test` holds whole held-out documents
+(`text`), scored by steps.evaluate with a sliding window.
+Output, chat: conversations rendered with the base model's chat template, labelled on assistant
+tokens only and packed into blocks (`input_ids`, `labels`, `position_ids`) in which no
+conversation attends to another (steps/chat.py); `test` holds the held-out conversations
+(`messages`), scored on their responses.
+Both: `stats.json` = the data card, also written to `--card` (a DVC metric): per split the records
+kept, truncated and dropped, tokens and supervised tokens, blocks and a length histogram.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from steps.arguments import stage_arguments
+from steps.chat import blocks, check_chat_template, fit, render, supervised
+from steps.dedup import near_duplicates
 from steps.errors import UserError
 from steps.outcome import run_main
 from steps.outputs import atomic_dir, write_json
 from steps.params import PrepareParams, load_params
+from steps.records import Records, read_records
+from steps.tracking import log_to_flow_run
 
 SPLITS = ("train", "validation", "test")
-
-
-def read_documents(path: str | Path, text_field: str = "text") -> list[str]:
-    """Documents of a .jsonl or .txt file; blank ones are dropped. Errors name file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: data file not found; set prepare.data to a .jsonl or .txt file")
-    try:
-        content = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line}: not UTF-8 text; convert the file to UTF-8") from None
-    if path.suffix == ".jsonl":
-        docs = _jsonl_documents(path, content, text_field)
-    elif path.suffix == ".txt":
-        docs = re.split(r"\n[ \t]*\n", content)
-    else:
-        raise UserError(f"{path}: unsupported file type {path.suffix!r}; use .jsonl or .txt")
-    docs = [d.strip() for d in docs if d.strip()]
-    if not docs:
-        raise UserError(f"{path}: the corpus is empty; it holds no non-blank document")
-    return docs
-
-
-def _jsonl_documents(path: Path, content: str, text_field: str) -> list[str]:
-    docs = []
-    # split on \n only: str.splitlines() also breaks at U+2028/U+0085, legal inside JSON strings
-    for lineno, line in enumerate(content.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get(text_field), str):
-            raise UserError(
-                f"{path}:{lineno}: expected an object with a string {text_field!r} "
-                "(set prepare.text_field to the key that holds the text)"
-            )
-        docs.append(obj[text_field])
-    return docs
 
 
 def split_of(text: str, test_fraction: float, validation_fraction: float) -> str:
@@ -78,19 +49,6 @@ def split_of(text: str, test_fraction: float, validation_fraction: float) -> str
     return "train"
 
 
-def split_documents(docs: list[str], params: PrepareParams, source: Path) -> dict[str, list[str]]:
-    splits: dict[str, list[str]] = {name: [] for name in SPLITS}
-    for doc in docs:
-        splits[split_of(doc, params.test_fraction, params.validation_fraction)].append(doc)
-    for name in ("train", "test"):
-        if not splits[name]:
-            raise UserError(
-                f"{source}: the {name} split is empty ({len(docs)} documents); add documents "
-                f"or change prepare.test_fraction ({params.test_fraction})"
-            )
-    return splits
-
-
 def check_block_size(block_size: int, config_file: Path) -> None:
     """A block longer than the model's maximum positions cannot be trained on: say so up front."""
     limit = json.loads(config_file.read_text()).get("max_position_embeddings")
@@ -101,71 +59,320 @@ def check_block_size(block_size: int, config_file: Path) -> None:
         )
 
 
+def stream_blocks(
+    docs_ids: Iterable[list[int]], eos_id: int, block_size: int
+) -> Iterator[list[int]]:
+    """Documents back to back with EOS after each, cut into full blocks; the tail is dropped."""
+    buffer: list[int] = []
+    for ids in docs_ids:
+        buffer += ids
+        buffer.append(eos_id)
+        while len(buffer) >= block_size:
+            yield buffer[:block_size]
+            del buffer[:block_size]
+
+
 def pack_sequences(docs_ids: list[list[int]], eos_id: int, block_size: int) -> list[list[int]]:
     """Concatenate documents with EOS after each and cut into full blocks; the tail is dropped."""
-    stream = [tok for ids in docs_ids for tok in [*ids, eos_id]]
-    usable = len(stream) - len(stream) % block_size
-    return [stream[i : i + block_size] for i in range(0, usable, block_size)]
+    return list(stream_blocks(docs_ids, eos_id, block_size))
 
 
-def heldout_hash(texts: list[str]) -> str:
-    """sha256 over the held-out documents, so metrics from different runs can be compared safely."""
-    h = hashlib.sha256()
+def heldout_hash(texts: list[str], prefix: str = "") -> str:
+    """sha256 over the held-out records, so metrics from different runs can be compared safely
+    (chat records carry a prefix: the same words scored as responses are another measurement)."""
+    h = hashlib.sha256(prefix.encode())
     for text in texts:
         h.update(hashlib.sha256(text.encode("utf-8")).digest())
     return h.hexdigest()
 
 
 def prepare(params: PrepareParams, data: Path, tokenizer, out_dir: Path) -> dict:
-    """Split the documents of `data`, tokenize and pack them; write the splits to `out_dir`."""
+    """Split the records of `data`, tokenize and pack them; write the splits to `out_dir`.
+
+    Raw text keeps today's packing (documents back to back with EOS, cut into blocks); chat records
+    are rendered with the model's template, labelled on assistant tokens only and packed so that
+    conversations never attend to each other (steps/chat.py). Returns the data card.
+    """
+    records = read_records(data, params)
+    if records.kind == "chat":
+        check_chat_template(tokenizer, str(data))
+    splits, card = deduplicated_splits(records, params, data)
+    with atomic_dir(out_dir) as tmp:
+        if records.kind == "chat":
+            card["splits"] = write_chat_splits(splits, params, tokenizer, tmp, data)
+        else:
+            card["splits"] = write_text_splits(splits, params, tokenizer, tmp, data)
+        write_json(tmp / "stats.json", card)
+    return card
+
+
+def record_key(kind: str):
+    """What makes two records the same: the text, or the conversation's turns."""
+    if kind == "text":
+        return lambda row: row["text"]
+    return lambda row: json.dumps(row["messages"], ensure_ascii=False, sort_keys=True)
+
+
+def record_text(kind: str, row: dict) -> str:
+    """The words of a record, for near-duplicate detection."""
+    if kind == "text":
+        return row["text"]
+    return "\n".join(turn["content"] for turn in row["messages"])
+
+
+def assign_splits(records: Records, params: PrepareParams, data: Path):
+    """Records by split (content hash) with exact duplicates dropped (the first is kept), the
+    number dropped, and the split's hash; train and test must not be empty."""
+    key = record_key(records.kind)
+    ds = records.dataset
+    seen: set[bytes] = set()
+    by_split: dict[str, list[int]] = {name: [] for name in SPLITS}
+    for i, row in enumerate(ds):
+        text = key(row)
+        digest = hashlib.sha256(text.encode("utf-8")).digest()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        by_split[split_of(text, params.test_fraction, params.validation_fraction)].append(i)
+    for name in ("train", "test"):
+        if not by_split[name]:
+            raise UserError(
+                f"{data}: the {name} split is empty ({len(seen)} distinct records); add records "
+                f"or change prepare.test_fraction ({params.test_fraction})"
+            )
+    return {name: ds.select(rows) for name, rows in by_split.items()}, len(ds) - len(seen)
+
+
+def deduplicated_splits(records: Records, params: PrepareParams, data: Path):
+    """assign_splits(), then near duplicates of held-out records dropped from train; and the
+    card's counts of what was removed."""
+    splits, exact = assign_splits(records, params, data)
+    key = record_key(records.kind)
+    test_texts = [record_text(records.kind, row) for row in splits["test"]]
+    near = near_duplicates(
+        (record_text(records.kind, row) for row in splits["train"]),
+        test_texts,
+        params.near_duplicate_threshold,
+    )
+    if near:
+        drop = set(near)
+        rows = [i for i in range(len(splits["train"])) if i not in drop]
+        if not rows:
+            raise UserError(
+                f"{data}: every training record nearly duplicates a test record; add records "
+                "or raise prepare.near_duplicate_threshold"
+            )
+        splits["train"] = splits["train"].select(rows)
+    card = {
+        "data": str(data),
+        "format": records.kind,
+        "block_size": params.block_size,
+        "records_in": len(records.dataset),
+        "exact_duplicates_removed": exact,
+        "near_duplicates_removed_from_train": len(near),
+        "near_duplicate_threshold": params.near_duplicate_threshold,
+        "test_split_hash": heldout_hash(
+            [key(row) for row in splits["test"]], prefix="" if records.kind == "text" else "chat"
+        ),
+    }
+    return splits, card
+
+
+def length_histogram(lengths: list[int], block_size: int) -> dict[str, int]:
+    """Records per length bin (tokens): powers of two up to the block size, then 'longer'."""
+    edges = [2**k for k in range(4, 32) if 2**k < block_size] + [block_size]
+    counts = {f"<={e}": 0 for e in edges}
+    counts["longer"] = 0
+    for n in lengths:
+        counts[next((f"<={e}" for e in edges if n <= e), "longer")] += 1
+    return counts
+
+
+def write_text_splits(splits, params: PrepareParams, tokenizer, tmp: Path, data: Path) -> dict:
+    """Documents back to back with EOS after each, cut into full blocks (the tail is dropped)."""
     from datasets import Dataset
 
-    splits = split_documents(read_documents(data, params.text_field), params, data)
-    stats: dict = {"data": str(data), "block_size": params.block_size}
-    with atomic_dir(out_dir) as tmp:
-        for name in ("train", "validation"):
-            ids = (
-                tokenizer(splits[name], add_special_tokens=False, verbose=False)["input_ids"]
-                if splits[name]
-                else []
+    stats = {}
+    for name in ("train", "validation"):
+        docs = splits[name]
+        ids = docs.map(
+            lambda batch: tokenizer(batch["text"], add_special_tokens=False, verbose=False),
+            batched=True,
+            remove_columns=docs.column_names,
+            load_from_cache_file=False,
+        )
+        docs_ids = ids["input_ids"] if len(docs) else []  # map skips an empty dataset
+        lengths = [len(x) + 1 for x in docs_ids]
+        blocks = _save_blocks(
+            (
+                {"input_ids": b}
+                for b in stream_blocks(docs_ids, tokenizer.eos_token_id, params.block_size)
+            ),
+            tmp / name,
+        )
+        if name == "train" and not blocks:
+            raise UserError(
+                f"{data}: the train split has fewer tokens than one block "
+                f"(prepare.block_size={params.block_size}); add text or lower block_size"
             )
-            blocks = pack_sequences(ids, tokenizer.eos_token_id, params.block_size)
-            if name == "train" and not blocks:
-                raise UserError(
-                    f"{data}: the train split has fewer tokens than one block "
-                    f"(prepare.block_size={params.block_size}); add text or lower block_size"
-                )
-            # num_shards=1: an empty split saved with 0 shards cannot be loaded back
-            Dataset.from_dict({"input_ids": blocks}).save_to_disk(str(tmp / name), num_shards=1)
-            stats[name] = {
-                "documents": len(splits[name]),
-                "tokens": sum(len(x) + 1 for x in ids),
-                "blocks": len(blocks),
-            }
-        test = splits["test"]
-        Dataset.from_dict({"text": test}).save_to_disk(str(tmp / "test"), num_shards=1)
-        stats["test"] = {"documents": len(test), "characters": sum(len(t) for t in test)}
-        stats["test_split_hash"] = heldout_hash(test)
-        write_json(tmp / "stats.json", stats)
+        stats[name] = {
+            "records": len(docs),
+            "tokens": sum(lengths),
+            "supervised_tokens": sum(lengths),
+            "blocks": blocks,
+            "length_histogram": length_histogram(lengths, params.block_size),
+        }
+    test = splits["test"]
+    Dataset.from_dict({"text": test["text"]}).save_to_disk(str(tmp / "test"), num_shards=1)
+    stats["test"] = {"records": len(test), "characters": sum(len(t) for t in test["text"])}
     return stats
 
 
-def run(params: PrepareParams, data: Path, base_model: Path, out: Path) -> dict:
+def write_chat_splits(splits, params: PrepareParams, tokenizer, tmp: Path, data: Path) -> dict:
+    """Conversations rendered with assistant-only labels; train and validation packed into blocks
+    (each conversation isolated), test kept as conversations for response perplexity."""
+    stats = {}
+    for name in ("train", "validation"):
+        if not len(splits[name]):  # no validation records (map would skip an empty dataset)
+            _save_blocks(iter(()), tmp / name)
+            stats[name] = {"records": 0, "tokens": 0, "supervised_tokens": 0, "blocks": 0}
+            continue
+        rendered = splits[name].map(
+            lambda row: dict(
+                zip(("input_ids", "labels"), render(row["messages"], tokenizer), strict=True)
+            ),
+            load_from_cache_file=False,
+        )
+        lengths = [len(x) for x in rendered["input_ids"]]
+        fitted = rendered.map(
+            lambda row: _fitted(row, params),
+            remove_columns=rendered.column_names,
+            load_from_cache_file=False,
+        )
+        kept = fitted.filter(lambda row: not row["dropped"], load_from_cache_file=False)
+        for row in kept:
+            if row["truncated"] and not supervised(row["labels"]):
+                raise UserError(
+                    f"{row['source']}: the assistant's turns lie beyond prepare.block_size "
+                    f"({params.block_size} tokens) and are truncated away; raise block_size or set "
+                    "prepare.overlong: drop"
+                )
+        if name == "train" and not len(kept):
+            raise UserError(
+                f"{data}: every training record was filtered out ({len(rendered)} longer than "
+                f"prepare.block_size={params.block_size}, prepare.overlong: drop); raise "
+                "block_size or set prepare.overlong: truncate"
+            )
+        blocks = _save_blocks(
+            blocks_of(kept.select_columns(["input_ids", "labels"]), params.block_size, tokenizer),
+            tmp / name,
+        )
+        total = sum(len(x) for x in kept["input_ids"])
+        stats[name] = {
+            "records": len(kept),
+            "truncated": sum(kept["truncated"]),
+            "dropped": len(rendered) - len(kept),
+            "tokens": total,
+            "supervised_tokens": sum(supervised(x) for x in kept["labels"]),
+            "blocks": blocks,
+            "packing_efficiency": round(total / max(blocks * params.block_size, 1), 4),
+            "length_histogram": length_histogram(lengths, params.block_size),
+        }
+    test = splits["test"]
+    test.select_columns(["messages", "source"]).save_to_disk(str(tmp / "test"), num_shards=1)
+    rendered = [render(row["messages"], tokenizer) for row in test]
+    stats["test"] = {
+        "records": len(test),
+        "tokens": sum(len(ids) for ids, _ in rendered),
+        "supervised_tokens": sum(supervised(labels) for _, labels in rendered),
+        "length_histogram": length_histogram([len(i) for i, _ in rendered], params.block_size),
+    }
+    return stats
+
+
+def _fitted(row: dict, params: PrepareParams) -> dict:
+    kept = fit(row["input_ids"], row["labels"], params.block_size, params.overlong)
+    if kept is None:
+        return {
+            "input_ids": [],
+            "labels": [],
+            "truncated": False,
+            "dropped": True,
+            "source": row["source"],
+        }
+    return {
+        "input_ids": kept.ids,
+        "labels": kept.labels,
+        "truncated": kept.truncated,
+        "dropped": False,
+        "source": row["source"],
+    }
+
+
+def card_metrics(card: dict, prefix: str = "data") -> dict[str, float]:
+    """The card's numbers as flat MLflow metric names (data.splits.train.records, ...); the
+    histograms stay in the card artifact."""
+    flat = {}
+    for key, value in card.items():
+        name = f"{prefix}.{key}"
+        if key == "length_histogram":
+            continue
+        if isinstance(value, dict):
+            flat.update(card_metrics(value, name))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[name] = float(value)
+    return flat
+
+
+def blocks_of(tokenized, block_size: int, tokenizer):
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return blocks(tokenized, block_size, pad)
+
+
+def _save_blocks(rows, path: Path) -> int:
+    """Write rows (dicts) as a dataset at `path` without holding them all; returns the count."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    batch: list[dict] = []
+    tables = []
+    for row in rows:
+        batch.append(row)
+        if len(batch) == 1024:
+            tables.append(pa.Table.from_pylist(batch))
+            batch = []
+    if batch:
+        tables.append(pa.Table.from_pylist(batch))
+    if not tables:
+        tables.append(pa.table({"input_ids": pa.array([], type=pa.list_(pa.int64()))}))
+    table = pa.concat_tables(tables)
+    # num_shards=1: an empty split saved with 0 shards cannot be loaded back
+    Dataset(table).save_to_disk(str(path), num_shards=1)
+    return table.num_rows
+
+
+def run(params: PrepareParams, data: Path, base_model: Path, out: Path, card: Path) -> dict:
     from transformers import AutoTokenizer
 
     check_block_size(params.block_size, base_model / "config.json")
     stats = prepare(params, data, AutoTokenizer.from_pretrained(base_model), out)
+    write_json(card, stats)
+    log_to_flow_run(metrics=card_metrics(stats), artifacts=[card])
+    split = stats["splits"]
     print(
-        f"prepare: {data}: train {stats['train']['documents']} docs / "
-        f"{stats['train']['blocks']} blocks of {params.block_size}, validation "
-        f"{stats['validation']['documents']} docs, test {stats['test']['documents']} docs -> {out}"
+        f"prepare: {data} ({stats['format']}): {stats['records_in']} records, "
+        f"{stats['exact_duplicates_removed']} exact duplicates and "
+        f"{stats['near_duplicates_removed_from_train']} near duplicates of test records removed; "
+        f"train {split['train']['records']} / {split['train']['blocks']} blocks of "
+        f"{params.block_size} ({split['train']['supervised_tokens']} supervised tokens), "
+        f"validation {split['validation']['records']}, test {split['test']['records']} -> {out}"
     )
     return stats
 
 
 def main() -> dict:
     args = stage_arguments()
-    return run(load_params(args.params).prepare, args.data, args.base_model, args.out)
+    return run(load_params(args.params).prepare, args.data, args.base_model, args.out, args.card)
 
 
 if __name__ == "__main__":

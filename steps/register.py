@@ -39,11 +39,11 @@ from steps.registry import (
 )
 from steps.scoring import (
     differences,
-    heldout_texts,
+    heldout,
     load_metric,
     load_model,
     measurement,
-    perplexity,
+    score_heldout,
 )
 from steps.tracking import flow_run
 
@@ -80,10 +80,10 @@ def champion_reference(champion, name: str, prepared: Path, metrics: dict, param
         note = f"v{champion.version}'s stored perplexity, measured alike"
         return Reference(stored, metrics["perplexity_ci_high"], note=note)
     print(f"register: re-scoring champion v{champion.version}: " + ", ".join(diffs))
-    texts, _ = heldout_texts(prepared)
+    held = heldout(prepared)
     model, tokenizer = load_model(f"models:/{name}/{champion.version}")
-    scored = perplexity(load_metric(), model, tokenizer, texts, params)
-    now = measurement(model, tokenizer, params, metrics["test_split_hash"])
+    scored = score_heldout(load_metric(held.kind), model, tokenizer, held, params)
+    now = measurement(model, tokenizer, params, metrics["test_split_hash"], held.kind)
     note = f"v{champion.version} re-scored here; it was measured with " + ", ".join(diffs)
     if now["tokenizer_hash"] != ours["tokenizer_hash"]:
         return Reference(
@@ -113,6 +113,16 @@ def decide(client, name: str, mv, metrics: dict, prepared: Path, params: Params)
         params.registry.max_forgetting,
     )
     return decision, champion
+
+
+def log_adapter(client, run_id: str, tuned_model: Path) -> bool:
+    """A LoRA run's adapter alone (<tuned>/adapter) as the run's artifact `adapter/`; the model
+    registered is still the merged one. False when there is none (full fine-tuning)."""
+    adapter = tuned_model / "adapter"
+    if not adapter.is_dir():
+        return False
+    client.log_artifact(run_id, str(adapter))
+    return True
 
 
 def register(
@@ -146,6 +156,7 @@ def register(
         print(f"register: {name} version {mv.version} (challenger)")
     else:
         print(f"register: this model is already {name} version {mv.version}; nothing registered")
+    log_adapter(client, run_id, tuned_model)
     champion = alias_version(client, name, CHAMPION)
     if promote:
         decision, champion = decide(client, name, mv, metrics, prepared, params)

@@ -31,3 +31,33 @@ def complete_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int) 
             )[0, ids["input_ids"].shape[1] :]
             outputs.append(tokenizer.decode(new, skip_special_tokens=True))
     return outputs
+
+
+def chat_prompts(conversations: list[list[dict]], n: int) -> list[list[dict]]:
+    """The first n held-out conversations up to (not including) their last assistant turn."""
+    prompts = []
+    for messages in conversations[:n]:
+        last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+        prompts.append(messages[:last])
+    return prompts
+
+
+def answer_chats(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
+    """Greedy answers through the model's chat template, stopping at its end-of-turn token."""
+    import torch
+
+    device = next(model.parameters()).device
+    outputs = []
+    with torch.inference_mode():
+        for messages in prompts:
+            ids = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            ).to(device)
+            new = model.generate(
+                **ids,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )[0, ids["input_ids"].shape[1] :]
+            outputs.append(tokenizer.decode(new, skip_special_tokens=True))
+    return outputs

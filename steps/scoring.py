@@ -9,19 +9,45 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from steps.errors import UserError
 from steps.params import EvaluateParams
 
 METRIC_MODULE = Path(__file__).parent / "metrics" / "corpus_perplexity.py"
+RESPONSE_METRIC_MODULE = Path(__file__).parent / "metrics" / "response_perplexity.py"
 
 
-def load_metric():
-    """The local `evaluate` metric (loaded by path: the Hub's `perplexity` needs a network)."""
+def load_metric(kind: str = "text"):
+    """The local `evaluate` metric (loaded by path: the Hub's `perplexity` needs a network):
+    corpus perplexity for text, response perplexity for chat."""
     import evaluate
 
-    return evaluate.load(str(METRIC_MODULE))
+    return evaluate.load(str(METRIC_MODULE if kind == "text" else RESPONSE_METRIC_MODULE))
+
+
+@dataclass(frozen=True)
+class Heldout:
+    """The held-out test split: documents (kind text) or conversations (kind chat)."""
+
+    kind: str
+    items: list
+    split_hash: str
+
+
+def score_heldout(metric, model, tokenizer, heldout: Heldout, params: EvaluateParams) -> dict:
+    """The held-out split scored the way the model is used: documents with a sliding window,
+    conversations on their assistant tokens (metric = load_metric(heldout.kind))."""
+    if heldout.kind == "text":
+        return perplexity(metric, model, tokenizer, heldout.items, params)
+    return metric.compute(
+        predictions=[json.dumps(m, ensure_ascii=False) for m in heldout.items],
+        model=model,
+        tokenizer=tokenizer,
+        window=params.window,
+        batch_size=params.batch_size,
+    )
 
 
 def load_model(source: str):
@@ -61,13 +87,16 @@ def tokenizer_hash(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def measurement(model, tokenizer, params: EvaluateParams, split_hash: str) -> dict[str, str]:
-    """How a perplexity was measured (every key of MEASUREMENT_KEYS, as strings)."""
+def measurement(
+    model, tokenizer, params: EvaluateParams, split_hash: str, kind: str = "text"
+) -> dict[str, str]:
+    """How a perplexity was measured (every key of MEASUREMENT_KEYS, as strings); responses of
+    conversations are scored without a sliding window (stride 'responses')."""
     device = next(model.parameters()).device.type
     return {
         "test_split_hash": split_hash,
         "window": str(params.window),
-        "stride": str(params.stride),
+        "stride": str(params.stride) if kind == "text" else "responses",
         "tokenizer_hash": tokenizer_hash(tokenizer),
         # steps/metrics/corpus_perplexity.py scores under bf16 autocast on CUDA, fp32 elsewhere
         "precision": "bf16-autocast" if device == "cuda" else "fp32",
@@ -88,8 +117,8 @@ def differences(ours: dict[str, str], theirs: dict[str, str]) -> list[str]:
     ]
 
 
-def heldout_texts(prepared: Path) -> tuple[list[str], str]:
-    """The held-out test documents of a prepared data directory, and the split's hash."""
+def heldout(prepared: Path) -> Heldout:
+    """The held-out test split of a prepared data directory, its kind and its hash."""
     from datasets import load_from_disk
 
     if not (prepared / "test").is_dir():
@@ -97,4 +126,7 @@ def heldout_texts(prepared: Path) -> tuple[list[str], str]:
             f"{prepared}/test: missing; run the prepare stage first (dvc repro prepare)"
         )
     stats = json.loads((prepared / "stats.json").read_text())
-    return list(load_from_disk(str(prepared / "test"))["text"]), stats["test_split_hash"]
+    test = load_from_disk(str(prepared / "test"))
+    kind = stats.get("format", "text")
+    items = list(test["text"] if kind == "text" else test["messages"])
+    return Heldout(kind, items, stats["test_split_hash"])

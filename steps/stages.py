@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from steps.params import EMBEDDED_CORPUS, PARAMS_FILE
+from steps.params import EMBEDDED_CHAT, EMBEDDED_CORPUS, PARAMS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]  # the project: dvc.yaml, params.yaml, steps/, flows/
 PROJECT_PACKAGES = ("steps", "flows")
@@ -61,6 +61,7 @@ class Stage:
 
 
 BASE_MODEL, PREPARED, TUNED_MODEL = "models/base", "data/prepared", "models/tuned"
+DATA_CARD = "metrics/data.json"  # what prepare kept and removed, per split (a DVC metric)
 EVAL_METRICS, TRAIN_METRICS, LOSS_CURVE = (
     "metrics/eval.json",
     "metrics/train.json",
@@ -83,6 +84,12 @@ STAGES: tuple[Stage, ...] = (
         always_changed=True,
     ),
     Stage(
+        "qa_corpus",
+        "steps.qa_corpus",
+        outputs={"out": Output(EMBEDDED_CHAT)},
+        timeout_s=600,
+    ),
+    Stage(
         "base_model",
         "steps.base_model",
         inputs={"source_record": "models/base_source.json"},
@@ -95,7 +102,7 @@ STAGES: tuple[Stage, ...] = (
         "prepare",
         "steps.prepare",
         inputs={"data": "${prepare.data}", "base_model": BASE_MODEL},
-        outputs={"out": Output(PREPARED)},
+        outputs={"out": Output(PREPARED), "card": Output(DATA_CARD, "metrics", cache=False)},
         params=("prepare",),
         timeout_s=3600,
         lineage={"data_hash": "data"},

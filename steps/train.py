@@ -1,4 +1,4 @@
-"""Full fine-tuning of the base model on the packed training blocks, with the transformers Trainer.
+"""Fine-tuning of the base model on the packed training blocks, with the transformers Trainer.
 
     python -m steps.train --params params.yaml --base-model models/base --prepared data/prepared \
         --checkpoints checkpoints --out models/tuned --metrics metrics/train.json \
@@ -10,6 +10,10 @@ auto`). With several visible GPUs the Trainer wraps the model in DataParallel; n
 deletes outs before a stage runs), so a retried or interrupted run with the same inputs resumes from
 the last one; they are deleted once the model is saved. Inside a flow (MLFLOW_RUN_ID set) the loss
 curve is logged to the flow's MLflow run by the Trainer's own MLflow callback.
+
+`train.method` picks what trains: every weight (full), LoRA adapters (lora) or LoRA adapters on a
+4-bit base (qlora, CUDA only), through steps/lora.py. The out dir always holds a plain model; with
+adapters it is the merged model, and the adapter alone is saved to <out>/adapter/.
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from pathlib import Path
 
 import torch
 
+from steps import lora
 from steps.arguments import stage_arguments
+from steps.chat import packed_batch
 from steps.errors import UserError
 from steps.outcome import run_main
 from steps.outputs import atomic_dir, atomic_file, write_json
@@ -42,6 +48,12 @@ def causal_lm_batch(features: list[dict]) -> dict[str, torch.Tensor]:
     """Blocks are full length, so no padding: the labels are the inputs (the model shifts them)."""
     ids = torch.tensor([f["input_ids"] for f in features], dtype=torch.long)
     return {"input_ids": ids, "labels": ids.clone()}
+
+
+def collator(dataset):
+    """Text blocks train on every token; chat blocks (with labels and position ids) on the
+    assistant's tokens, each conversation isolated from the others in its block (steps/chat.py)."""
+    return packed_batch if "position_ids" in dataset.column_names else causal_lm_batch
 
 
 def run_fingerprint(params: TrainParams, data_dir: Path, base_dir: Path) -> str:
@@ -116,9 +128,11 @@ def train(
 ) -> dict:
     """Fine-tune `base_dir` on `data_dir`; write the model, its metrics and its loss curve."""
     from datasets import load_from_disk
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer
+    from transformers import AutoTokenizer, Trainer
     from transformers.integrations import MLflowCallback
 
+    lora.check_method(params)  # before any data or weights are read
+    lora.check_targets(base_dir, params)
     if not (data_dir / "train").is_dir():
         raise UserError(
             f"{data_dir}/train: missing; run the prepare stage first (dvc repro prepare)"
@@ -126,20 +140,20 @@ def train(
     train_set = load_from_disk(str(data_dir / "train"))
     validation = load_from_disk(str(data_dir / "validation"))
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, use_safetensors=True)
+    model = trainable_model(params, base_dir)
     ckpt_dir = checkpoints / f"train-{run_fingerprint(params, data_dir, base_dir)}"
     resume = last_complete_checkpoint(ckpt_dir)
     done = finished_state(resume, params.max_steps)
     if done is not None:  # killed after the last step was saved: resuming would train one more
         print(f"train: {resume} holds all {params.max_steps} steps; not training again")
-        model = AutoModelForCausalLM.from_pretrained(resume, use_safetensors=True)
+        model = finished_model(params, model, resume)
     elif resume:
         print(f"train: resuming from {resume}")
     trainer = Trainer(
         model=model,
         args=training_arguments(params, ckpt_dir),
         train_dataset=train_set,
-        data_collator=causal_lm_batch,
+        data_collator=collator(train_set),
     )
     started = time.perf_counter()
     if done is None:
@@ -152,7 +166,11 @@ def train(
         train_loss, steps = sum(logged) / max(len(logged), 1), done["global_step"]
     seconds = time.perf_counter() - started
     trainer.remove_callback(MLflowCallback)  # it would open a stray run for the evaluation
+    trainable, total = lora.parameter_counts(model)
     metrics = {
+        "method": params.method,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
         "train_loss": train_loss,
         "steps": steps,
         "train_seconds": seconds,
@@ -165,12 +183,38 @@ def train(
         metrics["eval_loss"] = trainer.evaluate(eval_dataset=validation)["eval_loss"]
         log_to_flow_run(metrics={"eval_loss": metrics["eval_loss"]})
     with atomic_dir(out_dir) as tmp:
-        trainer.save_model(str(tmp))
+        save_model(trainer, params, base_dir, tmp)
         tokenizer.save_pretrained(tmp)
     write_loss_curve(trainer.state.log_history, loss_curve)
     write_json(metrics_file, metrics)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return metrics
+
+
+def trainable_model(params: TrainParams, base_dir: Path):
+    """What the Trainer trains: the base itself (full) or the base wrapped with LoRA adapters."""
+    if params.method == "full":
+        return lora.load_base(base_dir)
+    return lora.wrap(lora.load_base(base_dir, four_bit=params.method == "qlora"), params)
+
+
+def finished_model(params: TrainParams, model, checkpoint: Path):
+    """The weights a finished checkpoint holds: the whole model, or its adapter loaded onto the
+    base inside `model` (the peft model trainable_model built)."""
+    if params.method == "full":
+        return lora.load_base(checkpoint)
+    lora.load_checkpoint_adapter(model, checkpoint)
+    return model
+
+
+def save_model(trainer, params: TrainParams, base_dir: Path, dest: Path) -> None:
+    """The trained model as a plain transformers model in `dest`; with adapters, the adapter
+    alone in dest/adapter and, beside it, the base with the adapter merged in."""
+    if params.method == "full":
+        trainer.save_model(str(dest))
+        return
+    lora.save_adapter(trainer.model, dest / "adapter")
+    lora.merge(base_dir, dest / "adapter").save_pretrained(dest)
 
 
 def finished_state(checkpoint: Path | None, max_steps: int) -> dict | None:

@@ -81,16 +81,23 @@ def target_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def window_nll(model, batch: list[list[int]], n_targets: list[int], pad_id: int) -> list[float]:
     """Sum of NLL over the last n_targets tokens of each (right-padded) sequence in the batch."""
+    pairs = zip(batch, n_targets, strict=True)
+    positions = [range(len(seq) - 1 - n, len(seq) - 1) for seq, n in pairs]
+    return positions_nll(model, batch, positions, pad_id)
+
+
+def positions_nll(model, batch: list[list[int]], positions, pad_id: int) -> list[float]:
+    """Sum of NLL of each (right-padded) sequence's tokens p + 1 for p in its `positions`."""
     device = next(model.parameters()).device
     width = max(len(ids) for ids in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     rows, cols = [], []  # (row, position) of each prediction; position p predicts token p + 1
-    for row, seq in enumerate(batch):
+    for row, (seq, where) in enumerate(zip(batch, positions, strict=True)):
         ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
-        rows += [row] * n_targets[row]
-        cols += range(len(seq) - 1 - n_targets[row], len(seq) - 1)
+        rows += [row] * len(where)
+        cols += where
     ids, mask = ids.to(device), mask.to(device)
     rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
     targets = ids[rows_t, cols_t + 1]
@@ -151,12 +158,18 @@ def score_texts(model, tokenizer, texts, window=512, stride=512, batch_size=4) -
                 nll[i] += s
     model.train(was_training)
     counts = [max(len(ids) - 1, 0) for ids in ids_per_text]
-    scored = [i for i, c in enumerate(counts) if c > 0]
-    total_nll, total_tokens = sum(nll), sum(counts)
-    per_text = [math.exp(nll[i] / counts[i]) if counts[i] else None for i in range(len(counts))]
-    if not scored:
+    if not any(counts):
         raise ValueError("no text has two or more tokens; nothing can be scored")
-    text_bytes = [len(texts[i].encode("utf-8")) for i in range(len(counts))]
+    return summarize(nll, counts, [len(text.encode("utf-8")) for text in texts])
+
+
+def summarize(nll: list[float], counts: list[int], text_bytes: list[int]) -> dict:
+    """Corpus perplexity, its bootstrap interval over texts, and bits per byte, from each text's
+    NLL sum, predicted tokens and bytes (texts with no predicted token are skipped)."""
+    scored = [i for i, c in enumerate(counts) if c > 0]
+    total_nll = sum(nll[i] for i in scored)
+    total_tokens = sum(counts[i] for i in scored)
+    per_text = [math.exp(nll[i] / counts[i]) if counts[i] else None for i in range(len(counts))]
     low, high = bootstrap_interval([nll[i] for i in scored], [counts[i] for i in scored])
     # the same resampled documents (same seed) per byte: exp(nats/byte), then bits per byte
     bpb = bootstrap_interval([nll[i] for i in scored], [text_bytes[i] for i in scored])

@@ -106,9 +106,8 @@ def test_the_corpus_stage_output_is_never_replaced(project, tmp_path):
     mine = jsonl(tmp_path / "pydoc_topics.jsonl", ["my own topics"] * 3)
     done = data_add(project, str(mine), "--force")
     assert done.returncode == 2
-    assert "data/raw/pydoc_topics.jsonl: is the corpus stage's output; rename your file" in (
-        done.stderr
-    )
+    expected = "data/raw/pydoc_topics.jsonl: is the output of a stage (embedded data); rename"
+    assert expected + " your file" in done.stderr
 
 
 def test_a_failed_push_undoes_everything_and_prints_no_credentials(project, tmp_path):

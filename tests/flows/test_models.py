@@ -142,7 +142,7 @@ def test_register_reuses_a_champion_value_only_when_measured_alike(project, monk
     from mlflow import MlflowClient
 
     from steps.register import champion_reference
-    from steps.scoring import heldout_texts, load_metric, load_model, perplexity
+    from steps.scoring import heldout, load_metric, load_model, perplexity
 
     uri = f"sqlite:///{project}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # where models:/ URIs are looked up
@@ -153,7 +153,7 @@ def test_register_reuses_a_champion_value_only_when_measured_alike(project, monk
     assert same.value == float(champion.tags["perplexity"]) and "stored" in same.note
     # the candidate was scored at stride 16: the champion's stride-32 value is not reused
     ev16 = ev.model_copy(update={"stride": 16})
-    texts, _ = heldout_texts(prepared)
+    texts = heldout(prepared).items
     model, tok = load_model(f"models:/llmpipe/{champion.version}")
     truth = perplexity(load_metric(), model, tok, texts, ev16)
     strided = {**metrics, "measured": {**metrics["measured"], "stride": "16"}}

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from steps.corpus import reference_manual_documents, write_jsonl
-from steps.prepare import read_documents
+from steps.records import read_texts
 
 pytestmark = pytest.mark.unit
 
@@ -37,7 +37,7 @@ def test_write_jsonl_round_trips(tmp_path):
     assert lines[-1] == ""
     assert [json.loads(line) for line in lines[:-1]] == docs
     assert "naïve" in path.read_text(encoding="utf-8")  # written unescaped
-    assert read_documents(path) == [d["text"].strip() for d in docs]
+    assert read_texts(path) == [d["text"].strip() for d in docs]
     assert sorted(p.name for p in path.parent.iterdir()) == ["c.jsonl"]
 
 
@@ -45,7 +45,7 @@ def test_reference_manual_round_trips_through_prepare(tmp_path):
     docs = reference_manual_documents()
     path = tmp_path / "pydoc_topics.jsonl"
     write_jsonl(docs, path)
-    assert read_documents(path) == [d["text"].strip() for d in docs]
+    assert read_texts(path) == [d["text"].strip() for d in docs]
     first = path.read_bytes()
     write_jsonl(reference_manual_documents(), path)
     assert path.read_bytes() == first  # byte-for-byte stable export
