@@ -3,6 +3,7 @@
 llmpipe run [-S section.key=value ...]        # the finetune flow (what `make run` does)
 llmpipe serve [--host H] [--port P]           # serve models:/llmpipe@champion with MLflow
 llmpipe perplexity --model M --input FILE     # score any model on any .txt/.jsonl file
+llmpipe chat [--model M] [--system TEXT]      # talk to a chat model (default: the champion)
 llmpipe sweep -S section.key=v1,v2 ...        # a grid of runs; only the best may be champion
 llmpipe models [--json]                       # registered versions, metrics, aliases, lineage
 llmpipe promote VERSION [--force --reason R]  # gate + serving check, then move champion
@@ -21,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from flows.chat import add_arguments as add_chat_arguments
 from flows.report import stages_text
 from steps.environment import quiet_offline_env
 from steps.errors import USER_ERROR_EXIT, UserError
@@ -189,6 +191,12 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from flows.chat import run_chat
+
+    return run_chat(args)
+
+
 def cmd_data_add(args: argparse.Namespace) -> int:
     from flows.data import DataAddFailed, add_data
     from flows.lock import WorkspaceBusy
@@ -320,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--per-text", action="store_true", help="also each text's perplexity")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(func=cmd_perplexity)
+    chat = sub.add_parser("chat", help="talk to a chat model in the terminal (streamed)")
+    add_chat_arguments(chat)
+    chat.set_defaults(func=cmd_chat)
     sweep = sub.add_parser("sweep", help="a grid of runs; only the best can become champion")
     sweep.add_argument(
         "-S",

@@ -1,5 +1,10 @@
 """MLflow model registry I/O: look versions up by alias or tag, log and register a model.
 
+A model whose tokenizer has a chat template is logged as `llm/v1/chat` (OpenAI chat payloads:
+`messages` in, `choices[0].message.content` out), any other as `llm/v1/completions`. Both are logged
+with an inference config that makes the stock scoring server decode greedily (see
+SERVING_INFERENCE_CONFIG).
+
 Only "this alias is not set" (or "this model is not registered yet") means there is no champion; any
 other MLflow error (a locked database, a refused request) propagates, so it can never read as "no
 champion" and let a run promote over one it failed to see.
@@ -14,7 +19,27 @@ from steps.tracking import inside_flow_run
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 SERVING_PACKAGES = ("mlflow", "transformers", "torch", "accelerate", "safetensors", "tokenizers")
-INPUT_EXAMPLE = {"prompt": "The for statement", "max_tokens": 32}
+COMPLETIONS_TASK, CHAT_TASK = "llm/v1/completions", "llm/v1/chat"
+INPUT_EXAMPLES = {
+    COMPLETIONS_TASK: {"prompt": "The for statement", "max_tokens": 32, "temperature": 0.0},
+    CHAT_TASK: {
+        "messages": [{"role": "user", "content": "What does the for statement do?"}],
+        "max_tokens": 32,
+        "temperature": 0.0,
+    },
+}
+# The logged pyfunc's model_config: the defaults of every generate() the scoring server runs.
+# MLflow's server builds a transformers text-generation pipeline, whose own defaults (transformers
+# pipelines/text_generation.py: do_sample=True, temperature=0.7, max_new_tokens=256) apply where
+# the model's generation_config.json is silent, and it passes a request's `temperature` through
+# unchanged: the same prompt got different answers, and temperature 0 was an error ("`temperature`
+# (=0.0) has to be a strictly positive float"). do_sample=False makes every request greedy, the
+# default of `generate()` itself; a request's temperature is then ignored (a transformers warning in
+# the server's log), since the stock server cannot map temperature > 0 to sampling per request.
+SERVING_INFERENCE_CONFIG = {"do_sample": False}
+# MLflow renders messages with apply_chat_template(tokenize=False) and the pipeline tokenizes that
+# text again: without this a tokenizer that adds BOS would put a second one before the template's.
+CHAT_INFERENCE_CONFIG = {**SERVING_INFERENCE_CONFIG, "add_special_tokens": False}
 
 
 MEASURED = "measured_"  # version tags measured_<key>: how its perplexity was measured
@@ -73,9 +98,23 @@ def pip_requirements() -> list[str]:
     return [f"{pkg}=={version(pkg).split('+')[0]}" for pkg in SERVING_PACKAGES]
 
 
-def log_and_register(uri: str, name: str, model_dir: Path, tags: dict[str, str]):
-    """Log `model_dir` into the flow's run (transformers flavor, OpenAI-style completions),
-    register it as a new version of `name` with `tags`, and point `challenger` at it.
+def serving_task(tokenizer) -> str:
+    """llm/v1/chat for a tokenizer with a chat template, else llm/v1/completions."""
+    return CHAT_TASK if getattr(tokenizer, "chat_template", None) else COMPLETIONS_TASK
+
+
+def inference_config(task: str) -> dict:
+    """The generation defaults logged with a model of `task` (the scoring server's model_config)."""
+    return dict(CHAT_INFERENCE_CONFIG if task == CHAT_TASK else SERVING_INFERENCE_CONFIG)
+
+
+def log_and_register(
+    uri: str, name: str, model_dir: Path, tags: dict[str, str], task: str | None = None
+):
+    """Log `model_dir` into the flow's run (transformers flavor; OpenAI-style chat when its
+    tokenizer has a chat template, else completions; greedy by default), register it as a new
+    version of `name` with `tags`, and point `challenger` at it. `task` overrides the choice
+    (register serves a model fine-tuned on raw text as completions, template or not).
 
     The tags are set in the call that creates the version, so a retry after a crash finds the
     version by its model_hash tag instead of registering an untagged duplicate."""
@@ -89,13 +128,15 @@ def log_and_register(uri: str, name: str, model_dir: Path, tags: dict[str, str])
         "model": AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True),
         "tokenizer": AutoTokenizer.from_pretrained(model_dir),
     }
+    task = task or serving_task(components["tokenizer"])
     with inside_flow_run():
         info = mlflow.transformers.log_model(
             transformers_model=components,
             name="model",
-            task="llm/v1/completions",
+            task=task,
+            model_config=inference_config(task),
             pip_requirements=pip_requirements(),
-            input_example=INPUT_EXAMPLE,
+            input_example=INPUT_EXAMPLES[task],
         )
         mv = mlflow.register_model(info.model_uri, name, tags=tags)
     MlflowClient(uri).set_registered_model_alias(name, CHALLENGER, mv.version)

@@ -4,8 +4,9 @@
     llmpipe serve                                 # models:/llmpipe@champion on 127.0.0.1:5001
 
 The server is the stock `mlflow models serve -m models:/<name>@champion --env-manager local`;
-llmpipe only starts it, waits for /ping, and (for the smoke check) POSTs one
-OpenAI-style completion.
+llmpipe only starts it, waits for /ping, and (for the smoke check) POSTs OpenAI-style requests at
+temperature 0: chat requests to a model registered as llm/v1/chat, completions otherwise. Their
+answers must equal in-process greedy generation of the same prompts (steps/chat_serving.py).
 """
 
 from __future__ import annotations
@@ -21,15 +22,27 @@ import urllib.request
 from pathlib import Path
 
 from steps.arguments import stage_arguments
+from steps.chat_serving import (
+    Prompt,
+    answer_text,
+    ask,
+    end_of_turn_name,
+    is_chat,
+    parity_checks,
+    parity_verdict,
+    prompt_label,
+)
 from steps.errors import UserError
 from steps.executables import with_interpreter_on_path
 from steps.outcome import run_main
 from steps.params import load_params
-from steps.registry import CHAMPION, champion_version
+from steps.registry import CHAMPION, CHAT_TASK, COMPLETIONS_TASK, champion_version
 from steps.servers import LOOPBACK, ensure_port_free, free_port, stop_process_group, wait_http
 from steps.tracking import RegistryUnavailable, check_registry, registry_exists, tracking_uri
 
 SMOKE_PROMPT = "In Python, the for statement"
+SMOKE_MESSAGES = [{"role": "user", "content": "What does the for statement do in Python?"}]
+SMOKE_TOKENS = 32  # new tokens per smoke request
 
 
 def serve_command(model_uri: str, host: str, port: int) -> list[str]:
@@ -44,12 +57,7 @@ def complete(url: str, prompt: str, max_tokens: int = 24) -> str:
         f"{url}/invocations", data=body, headers={"Content-Type": "application/json"}
     )
     with urllib.request.urlopen(req, timeout=300) as resp:
-        answer = json.loads(resp.read())
-    if isinstance(answer, dict) and "predictions" in answer:
-        answer = answer["predictions"]
-    if isinstance(answer, list):
-        answer = answer[0]
-    return answer["choices"][0]["text"]
+        return answer_text(json.loads(resp.read()))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -58,50 +66,153 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
-def smoke_serve(model_uri: str, uri: str, requests: int = 1, prompt: str = SMOKE_PROMPT) -> dict:
-    """Serve `model_uri` on a free loopback port, require `requests` non-empty completions, time
-    them, stop serving."""
-    port = free_port()
-    url = f"http://{LOOPBACK}:{port}"
-    env = server_env(uri)
+def smoke_serve(
+    model_uri: str,
+    uri: str,
+    requests: int = 1,
+    prompts: list[Prompt] | None = None,
+    max_tokens: int = SMOKE_TOKENS,
+    require_end: bool = False,
+) -> dict:
+    """Serve `model_uri` on a free loopback port, time `requests` requests at temperature 0 (at
+    least one per prompt, in turn; chat requests for an llm/v1/chat model), stop serving, then
+    compare the answers with in-process greedy generation of the same prompts (the parity check).
+
+    `prompts`: chat messages ending before an assistant turn (chat model) or texts (completions
+    model); by default one built-in prompt."""
     with tempfile.TemporaryDirectory() as tmp:
-        log_file = Path(tmp) / "server.log"
-        with log_file.open("wb") as log:
-            proc = subprocess.Popen(serve_command(model_uri, LOOPBACK, port), stdout=log,
-                                    stderr=subprocess.STDOUT, env=env,
-                                    start_new_session=True)  # fmt: skip
-        try:
-            started = time.monotonic()
-            wait_http(f"{url}/ping", proc, "scoring server", 600, log_file, ready=range(200, 201))
-            ready_s = time.monotonic() - started
-            texts, latencies_ms = [], []
-            for _ in range(requests):
-                sent = time.perf_counter()
-                texts.append(complete(url, prompt, max_tokens=32))
-                latencies_ms.append((time.perf_counter() - sent) * 1000)
-        finally:
-            stop_process_group(proc)
-    if not all(t.strip() for t in texts):
-        raise RuntimeError(f"{model_uri} answered an empty completion to {prompt!r}")
+        local = download_model(model_uri, uri, Path(tmp) / "model")
+        task = logged_task(local)
+        prompts = check_prompts(list(prompts or default_prompts(task)), task)
+        asked = [prompts[i % len(prompts)] for i in range(max(requests, len(prompts)))]
+        answers, latencies_ms, ready_s = serve_and_ask(model_uri, uri, asked, max_tokens, Path(tmp))
+        if not all(a.strip() for a in answers):
+            raise RuntimeError(f"{model_uri} answered an empty completion to {prompts[0]!r}")
+        model, tokenizer = load_logged(local)
+        served = [answers[i :: len(prompts)] for i in range(len(prompts))]
+        checks = parity_checks(model, tokenizer, prompts, served, max_tokens)
+        end_token = end_of_turn_name(model, tokenizer)
+    ok, reason = parity_verdict(checks, max_tokens, end_token, require_end)
     return {
         "model_uri": model_uri,
-        "prompt": prompt,
-        "completion": texts[0],
+        "task": task,
+        "prompt": prompt_label(prompts[0]),
+        "completion": answers[0],
         "ready_seconds": ready_s,
-        "requests": requests,
+        "requests": len(asked),
         "p50_ms": percentile(latencies_ms, 0.5),
         "p95_ms": percentile(latencies_ms, 0.95),
+        "parity": {"ok": ok, "reason": reason, "prompts": len(prompts)},
     }
 
 
+def serve_and_ask(
+    model_uri: str, uri: str, prompts: list[Prompt], max_tokens: int, tmp: Path
+) -> tuple[list[str], list[float], float]:
+    """Serve `model_uri`, ask each prompt in turn at temperature 0, stop serving: the answers,
+    each request's latency (ms) and the seconds until the server answered /ping."""
+    port = free_port()
+    url = f"http://{LOOPBACK}:{port}"
+    log_file = tmp / "server.log"
+    with log_file.open("wb") as log:
+        proc = subprocess.Popen(serve_command(model_uri, LOOPBACK, port), stdout=log,
+                                stderr=subprocess.STDOUT, env=server_env(uri),
+                                start_new_session=True)  # fmt: skip
+    try:
+        started = time.monotonic()
+        wait_http(f"{url}/ping", proc, "scoring server", 600, log_file, ready=range(200, 201))
+        ready_s = time.monotonic() - started
+        answers, latencies_ms = [], []
+        for prompt in prompts:
+            sent = time.perf_counter()
+            answers.append(ask(url, prompt, max_tokens))
+            latencies_ms.append((time.perf_counter() - sent) * 1000)
+    finally:
+        stop_process_group(proc)
+    return answers, latencies_ms, ready_s
+
+
+def version_location(uri: str, model_uri: str) -> str:
+    """Where the artifacts of models:/NAME/VERSION or models:/NAME@ALIAS lie, asked of the registry
+    at `uri` (MLflow's own models:/ resolution asks the process-wide registry instead)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri, registry_uri=uri)
+    ref = model_uri[len("models:/") :]
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        version = client.get_model_version_by_alias(name, alias).version
+    else:
+        name, version = ref.rsplit("/", 1)
+    return client.get_model_version_download_uri(name, version)
+
+
+def download_model(model_uri: str, uri: str, dest: Path) -> Path:
+    """The logged model behind `model_uri` in the registry at `uri`, as a local MLflow model."""
+    from mlflow.artifacts import download_artifacts
+
+    dest.mkdir(parents=True)
+    location = version_location(uri, model_uri)
+    return Path(download_artifacts(location, dst_path=str(dest), tracking_uri=uri))
+
+
+def logged_task(local: Path) -> str:
+    """The llm/v1 task a local MLflow model (its directory or MLmodel file) was logged with
+    (llm/v1/completions when none)."""
+    from mlflow.models import Model
+
+    flavor = Model.load(str(local)).flavors.get("transformers", {})
+    return flavor.get("inference_task") or COMPLETIONS_TASK
+
+
+def load_logged(local: Path):
+    """(model, tokenizer) of a local MLflow transformers model, on the device the scoring server
+    uses (MLflow serves on GPU 0 when there is one)."""
+    import mlflow
+    import torch
+
+    parts = mlflow.transformers.load_model(str(local), return_type="components")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return parts["model"].to(device), parts["tokenizer"]
+
+
+def default_prompts(task: str) -> list[Prompt]:
+    return [SMOKE_MESSAGES] if task == CHAT_TASK else [SMOKE_PROMPT]
+
+
+def check_prompts(prompts: list[Prompt], task: str) -> list[Prompt]:
+    """`prompts` when they fit `task`: message lists ending before an assistant turn for chat,
+    texts for completions; otherwise a ValueError naming the first that does not."""
+    chat = task == CHAT_TASK
+    for i, prompt in enumerate(prompts, 1):
+        if is_chat(prompt) != chat:
+            want = "a list of messages" if chat else "a text"
+            raise ValueError(f"smoke prompt {i}: a {task} model is asked {want}, got {prompt!r}")
+        if chat and (not prompt or prompt[-1]["role"] == "assistant"):
+            raise ValueError(
+                f"smoke prompt {i}: chat messages must end before an assistant turn, got {prompt!r}"
+            )
+    return prompts
+
+
 def within_budget(report: dict, max_p95_ms: float | None) -> tuple[bool, str]:
-    """Whether the smoke requests' p95 meets the latency budget, and the sentence that says so."""
-    p95 = report["p95_ms"]
+    """Whether the serving check lets the candidate through, and the sentence that says so: the
+    smoke requests' p95 meets the latency budget and (when checked) the served answers equal
+    in-process greedy generation."""
+    p95, n = report["p95_ms"], report["requests"]
+    noun = "chat answers" if report.get("task") == CHAT_TASK else "completions"
     if max_p95_ms is None:
-        return True, f"served {report['requests']} completions, p95 {p95:.0f} ms (no budget)"
-    if p95 <= max_p95_ms:
-        return True, f"served {report['requests']} completions, p95 {p95:.0f} ms <= {max_p95_ms:g}"
-    return False, f"too slow: p95 {p95:.0f} ms > serve.max_p95_ms {max_p95_ms:g}"
+        ok, said = True, f"served {n} {noun}, p95 {p95:.0f} ms (no budget)"
+    elif p95 <= max_p95_ms:
+        ok, said = True, f"served {n} {noun}, p95 {p95:.0f} ms <= {max_p95_ms:g}"
+    else:
+        return False, f"too slow: p95 {p95:.0f} ms > serve.max_p95_ms {max_p95_ms:g}"
+    parity = report.get("parity")
+    if parity is None:
+        return ok, said
+    if not parity["ok"]:
+        return False, f"not served as generated: {parity['reason']}"
+    return True, f"{said}; {parity['reason']}"
 
 
 def record_latency(uri: str, model_uri: str, report: dict) -> None:
@@ -112,6 +223,8 @@ def record_latency(uri: str, model_uri: str, report: dict) -> None:
     client = MlflowClient(uri)
     for key in ("p50_ms", "p95_ms", "requests"):
         client.set_model_version_tag(name, version, f"serve_{key}", f"{report[key]:g}")
+    if "parity" in report:
+        client.set_model_version_tag(name, version, "serve_parity", report["parity"]["reason"])
 
 
 def server_env(uri: str) -> dict[str, str]:
@@ -121,9 +234,32 @@ def server_env(uri: str) -> dict[str, str]:
     return with_interpreter_on_path({**os.environ, "MLFLOW_TRACKING_URI": uri})
 
 
+def registered_task(uri: str, model_uri: str) -> str:
+    """The llm/v1 task of a registered model (read from its MLmodel file alone)."""
+    from mlflow.artifacts import download_artifacts
+
+    location = version_location(uri, model_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        mlmodel = download_artifacts(f"{location}/MLmodel", dst_path=tmp, tracking_uri=uri)
+        return logged_task(Path(mlmodel))
+
+
+def example_request(task: str) -> str:
+    """A request body to show beside the server's address, for a model of `task`."""
+    if task == CHAT_TASK:
+        return json.dumps({"messages": SMOKE_MESSAGES, "max_tokens": SMOKE_TOKENS})
+    return json.dumps({"prompt": SMOKE_PROMPT, "max_tokens": SMOKE_TOKENS})
+
+
 def champion_uri(uri: str, model_name: str) -> str | None:
     """models:/<name>@champion if that alias is set in the registry at `uri`, else None."""
     return None if champion_version(uri, model_name) is None else f"models:/{model_name}@{CHAMPION}"
+
+
+def no_champion(model_name: str) -> UserError:
+    return UserError(
+        f"registered model {model_name!r} has no champion yet; run `llmpipe run` first"
+    )
 
 
 def serve_forever(project: Path, host: str, port: int, model_name: str) -> int:
@@ -135,14 +271,12 @@ def serve_forever(project: Path, host: str, port: int, model_name: str) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     if model_uri is None:
-        raise UserError(
-            f"registered model {model_name!r} has no champion yet; run `llmpipe run` first"
-        )
+        raise no_champion(model_name)
     ensure_port_free(host, port, "stop what listens there, or pass --port (or set serve.port)")
     print(
         f"serving {model_uri} on http://{host}:{port} (Ctrl-C stops)\n"
         f"  curl -s http://{host}:{port}/invocations -H 'Content-Type: application/json' "
-        f'-d \'{{"prompt": "{SMOKE_PROMPT}", "max_tokens": 32}}\'',
+        f"-d '{example_request(registered_task(uri, model_uri))}'",
         flush=True,
     )
     try:
