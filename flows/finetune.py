@@ -35,9 +35,10 @@ from flows.tracking import (
     open_run,
     tag_stage_lineage,
 )
+from steps.chat import check_chat_template
 from steps.errors import UserError
 from steps.outputs import write_bytes
-from steps.params import EMBEDDED_DATA, EMBEDDED_MODEL, Params, apply_overrides
+from steps.params import EMBEDDED_CHAT, EMBEDDED_DATA, EMBEDDED_MODEL, Params, apply_overrides
 from steps.prepare import assign_splits, check_block_size
 from steps.records import read_records, read_texts
 from steps.registry import champion_version
@@ -113,17 +114,32 @@ def project_path(project: Path, path: str) -> Path:
 
 def check_inputs(project: Path, overrides: list[str]) -> Params:
     """Check params with the -S edits (every key, and the checks across keys), the data and
-    reference files, that the data splits into non-empty train and test sets, and the block size
-    against a local base model's maximum positions. Writes nothing: a mistake leaves no trace."""
+    reference files, that the data splits into non-empty train and test sets; against a local
+    base model: the block size, LoRA's target modules and, for chat data, its chat template; qlora
+    without CUDA. Writes nothing: a mistake leaves no trace."""
     params = apply_overrides(project / "params.yaml", overrides, write=False)
+    kind = "chat" if params.prepare.data == EMBEDDED_CHAT else "text"
     if params.prepare.data not in EMBEDDED_DATA:  # the embedded data sets are made by stages
         data = project_path(project, params.prepare.data)
-        assign_splits(read_records(data, params.prepare), params.prepare, Path(params.prepare.data))
+        records = read_records(data, params.prepare)
+        assign_splits(records, params.prepare, Path(params.prepare.data))
+        kind = records.kind
     read_texts(project_path(project, params.evaluate.reference_data))
     check_model_source(project, params.base_model.source)
     source = project_path(project, params.base_model.source)
-    if (source / "config.json").is_file():
+    local = (source / "config.json").is_file()
+    if local:
         check_block_size(params.prepare.block_size, source / "config.json")
+    if params.train.method != "full":
+        from steps import lora  # imports torch: only when adapters are asked for
+
+        lora.check_method(params.train)
+        if local:
+            lora.check_targets(source, params.train)
+    if kind == "chat" and local:
+        from transformers import AutoTokenizer
+
+        check_chat_template(AutoTokenizer.from_pretrained(source), params.prepare.data)
     return params
 
 

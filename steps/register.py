@@ -31,6 +31,8 @@ from steps.params import EvaluateParams, Params, load_params
 from steps.promote import NO_CHAMPION
 from steps.registry import (
     CHAMPION,
+    CHAT_TASK,
+    COMPLETIONS_TASK,
     alias_version,
     find_version_by_tag,
     log_and_register,
@@ -46,6 +48,13 @@ from steps.scoring import (
     score_heldout,
 )
 from steps.tracking import flow_run
+
+
+def served_as(prepared: Path) -> str:
+    """Chat data makes a chat model (llm/v1/chat); a model tuned on raw text is served as a text
+    completer (llm/v1/completions), even when its base has a chat template."""
+    stats = json.loads((prepared / "stats.json").read_text())
+    return CHAT_TASK if stats.get("format") == "chat" else COMPLETIONS_TASK
 
 
 def lineage_tags(project: Path, params: Params, metrics: dict, run_id: str) -> dict[str, str]:
@@ -152,7 +161,7 @@ def register(
     mv = find_version_by_tag(client, name, "model_hash", tags["model_hash"])
     new = mv is None
     if new:
-        mv = log_and_register(uri, name, tuned_model, tags)
+        mv = log_and_register(uri, name, tuned_model, tags, task=served_as(prepared))
         print(f"register: {name} version {mv.version} (challenger)")
     else:
         print(f"register: this model is already {name} version {mv.version}; nothing registered")

@@ -202,6 +202,19 @@ def llmpipe_run(project: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+CHAT_LINES = [
+    json.dumps(
+        {
+            "messages": [
+                {"role": "user", "content": f"Question {i}?"},
+                {"role": "assistant", "content": f"Answer {i}."},
+            ]
+        }
+    )
+    + "\n"
+    for i in range(40)
+]
+
 USER_ERRORS = {
     "missing data file": (
         ["-S", "prepare.data=data/raw/missing.jsonl"],
@@ -238,7 +251,27 @@ USER_ERRORS = {
     "a corpus that cannot be split": (
         ["-S", "prepare.data=data/raw/one.txt"],
         ("data/raw/one.txt", "A single document cannot be both trained on and held out.\n"),
-        r"data/raw/one\.txt: the (test|train) split is empty \(1 documents\)",
+        r"data/raw/one\.txt: the (test|train) split is empty \(1 distinct records\)",
+    ),
+    "LoRA targets the model lacks": (
+        ["-S", "train.method=lora", "-S", "train.lora_target_modules=q_proj,nonexistent_proj"],
+        None,
+        r"train\.lora_target_modules: the model has no Linear layer named nonexistent_proj; ",
+    ),
+    "qlora without CUDA": (
+        ["-S", "train.method=qlora"],
+        None,
+        r"train\.method: qlora needs a CUDA GPU \(4-bit bitsandbytes\); none is visible here",
+    ),
+    "chat data for a model without a chat template": (
+        ["-S", "prepare.data=data/raw/chat.jsonl"],
+        ("data/raw/chat.jsonl", "".join(CHAT_LINES)),
+        r"data/raw/chat\.jsonl: the base model has no chat template, so chat records cannot be",
+    ),
+    "mixed record kinds": (
+        ["-S", "prepare.data=data/raw/mixed.jsonl"],
+        ("data/raw/mixed.jsonl", CHAT_LINES[0] + '{"prompt": "p", "completion": "c"}\n'),
+        r"mixed\.jsonl:2: a prompt/completion record, but line 1 is a messages record; ",
     ),
 }
 
