@@ -285,11 +285,30 @@ def serve_forever(project: Path, host: str, port: int, model_name: str) -> int:
         return 0
 
 
+PARITY_PROMPTS = 3  # held-out prompts whose served answers must equal in-process generation
+
+
+def heldout_prompts(prepared: Path | None) -> list | None:
+    """The first held-out conversations up to their last answer (chat data), or openings of
+    held-out documents (text data); None when there is no prepared data (the built-in prompt)."""
+    if prepared is None or not (prepared / "stats.json").is_file():
+        return None
+    from steps.samples import chat_prompts, sample_prompts
+    from steps.scoring import heldout
+
+    held = heldout(prepared)
+    if held.kind == "chat":
+        return chat_prompts(held.items, PARITY_PROMPTS)
+    return sample_prompts(held.items, PARITY_PROMPTS)
+
+
 def main() -> dict:
     args = stage_arguments(text=("model_uri",))
     params = load_params(args.params)
     uri = tracking_uri(args.params.resolve().parent)
-    report = smoke_serve(args.model_uri, uri, params.serve.smoke_requests)
+    report = smoke_serve(
+        args.model_uri, uri, params.serve.smoke_requests, heldout_prompts(args.prepared)
+    )
     record_latency(uri, args.model_uri, report)
     report["within_budget"], report["verdict"] = within_budget(report, params.serve.max_p95_ms)
     print(f"smoke_serve: {args.model_uri} answered {report['completion']!r}; {report['verdict']}")

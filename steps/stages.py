@@ -157,6 +157,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "smoke_serve",
         "steps.serve",
+        inputs={"prepared": PREPARED},  # held-out prompts for the parity check
         params=("register", "serve"),
         timeout_s=1200,
         retries=1,
