@@ -157,8 +157,8 @@ def test_dvc_repro_alone_reruns_only_what_a_param_change_touches(project):
 
 
 def test_editing_a_module_reruns_every_stage_that_imports_it(project):
-    """evaluate reads documents through steps/prepare.py: DVC must see an edit of it."""
-    with (project / "steps/prepare.py").open("a") as f:
+    """evaluate reads its reference documents through steps/records.py: DVC must see an edit."""
+    with (project / "steps/records.py").open("a") as f:
         f.write("\n# an edit\n")
     assert dvc_changed(project) == {"model_source", "prepare", "evaluate"}
     with (project / "steps/params.py").open("a") as f:
