@@ -16,21 +16,9 @@ def sample_prompts(texts: list[str], n: int) -> list[str]:
 
 def complete_prompts(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy completions, one prompt at a time (no padding, so no padding side to get wrong)."""
-    import torch
+    from steps.chat_serving import generate_reply
 
-    device = next(model.parameters()).device
-    outputs = []
-    with torch.inference_mode():
-        for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
-            new = model.generate(
-                **ids,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-            )[0, ids["input_ids"].shape[1] :]
-            outputs.append(tokenizer.decode(new, skip_special_tokens=True))
-    return outputs
+    return [generate_reply(model, tokenizer, p, max_new_tokens).text for p in prompts]
 
 
 def chat_prompts(conversations: list[list[dict]], n: int) -> list[list[dict]]:
@@ -44,20 +32,6 @@ def chat_prompts(conversations: list[list[dict]], n: int) -> list[list[dict]]:
 
 def answer_chats(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int) -> list[str]:
     """Greedy answers through the model's chat template, stopping at its end-of-turn token."""
-    import torch
+    from steps.chat_serving import generate_reply
 
-    device = next(model.parameters()).device
-    outputs = []
-    with torch.inference_mode():
-        for messages in prompts:
-            ids = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-            ).to(device)
-            new = model.generate(
-                **ids,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-            )[0, ids["input_ids"].shape[1] :]
-            outputs.append(tokenizer.decode(new, skip_special_tokens=True))
-    return outputs
+    return [generate_reply(model, tokenizer, p, max_new_tokens).text for p in prompts]
