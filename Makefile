@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.llmpipe-installed
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test test-unit test-integration test-e2e lint lock clean chromium
+.PHONY: run chat test test-unit test-integration test-e2e lint lock clean chromium
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,6 +18,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: $(STAMP)  ## fine-tune the embedded default (or your params.yaml) end to end
 	$(BIN)/llmpipe run
+
+# The embedded chat example: SmolLM2-135M-Instruct with LoRA on questions about the standard library.
+# Like every `llmpipe run -S`, it leaves params.yaml set to these values after a run that succeeds.
+CHAT_EXAMPLE := -S prepare.data=data/raw/stdlib_qa.jsonl -S prepare.block_size=256 \
+	-S prepare.test_fraction=0.05 -S train.method=lora -S train.learning_rate=1e-3 \
+	-S train.max_steps=24
+chat: $(STAMP)  ## fine-tune the embedded chat example with LoRA end to end
+	$(BIN)/llmpipe run $(CHAT_EXAMPLE)
 
 # Lint first (seconds); then every tier in a random order (pytest-randomly prints the seed: rerun
 # one order with --randomly-seed=N, or keep file order with -p no:randomly). gpu tests run wherever
