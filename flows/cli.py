@@ -53,8 +53,12 @@ def format_summary(summary: dict, seconds: float) -> str:
         f"  stages      {stages}",
         f"  perplexity  base {m['base_perplexity']:.3f} -> tuned {m['perplexity']:.3f}"
         f" ({change:+.1%})"
-        f" on {m['documents']} held-out documents, {m['tokens']} tokens"
-        f" (tuned 95% interval {m['perplexity_ci_low']:.3f}-{m['perplexity_ci_high']:.3f})",
+        + (
+            f" on the answers of {m['documents']} held-out conversations, {m['tokens']} tokens"
+            if m.get("scored") == "responses"
+            else f" on {m['documents']} held-out documents, {m['tokens']} tokens"
+        )
+        + f" (tuned 95% interval {m['perplexity_ci_low']:.3f}-{m['perplexity_ci_high']:.3f})",
         f"  general     reference-text perplexity {m['base_reference_perplexity']:.3f} -> "
         f"{m['reference_perplexity']:.3f} ({m['forgetting']:+.1%}, the forgetting guard)",
         f"  registry    {reg['model_name']} version {reg['version']}"
