@@ -144,6 +144,19 @@ def random_model_dir(dest: Path, layers: int | None = None, seed: int = 0) -> tu
     return dest, save_random_llama(dest, shape, placeholder_tokenizer(), seed)
 
 
+def random_chat_model_dir(
+    dest: Path, tokenizer_dir: Path, layers: int, seed: int = 0
+) -> tuple[Path, int]:
+    """SmolLM2-135M's architecture with `layers` layers and random weights, saved with the
+    tokenizer and chat template of `tokenizer_dir` (the real SmolLM2's), so chat data renders and
+    tokenizes as it does for the real model; returns (directory, parameter count)."""
+    from transformers import AutoTokenizer
+
+    shape = dict(SMOLLM2_135M, num_hidden_layers=layers)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    return dest, save_random_llama(dest, shape, tokenizer, seed)
+
+
 PROJECT_FILES = [
     "steps",
     "flows",
