@@ -157,6 +157,31 @@ def random_chat_model_dir(
     return dest, save_random_llama(dest, shape, tokenizer, seed)
 
 
+def prepared_docs(root: Path, model_dir: Path, docs: list[str], block_size: int = 16) -> Path:
+    """`docs` written as JSONL under `root` and prepared (steps.prepare) for the model in
+    `model_dir`, in blocks of `block_size` tokens: the prepared directory."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from steps.params import PrepareParams
+    from steps.prepare import prepare
+
+    (root / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    params = PrepareParams(block_size=block_size)
+    prepare(params, root / "docs.jsonl", tokenizer, root / "prepared")
+    return root / "prepared"
+
+
+def loss_curve(path: Path) -> dict[int, float]:
+    """step -> loss of a loss-curve CSV that steps.train writes."""
+    import csv
+
+    with path.open() as f:
+        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(f)}
+
+
 PROJECT_FILES = [
     "steps",
     "flows",

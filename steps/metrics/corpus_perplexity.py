@@ -120,6 +120,22 @@ def positions_nll(model, batch: list[list[int]], positions, pad_id: int) -> list
     return sums.tolist()
 
 
+def nll_sums(model, tokenizer, jobs: list, n: int, budget: int) -> list[float]:
+    """Each of `n` items' sum of NLL over its jobs (item index, ids, positions predicting a
+    target), scored length-sorted in batches under a token budget, in inference mode."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    nll = [0.0] * n
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for chunk in token_budget_batches(sorted(jobs, key=lambda job: len(job[1])), budget):
+            sums = positions_nll(model, [j[1] for j in chunk], [j[2] for j in chunk], pad_id)
+            for (i, _, _), s in zip(chunk, sums, strict=True):
+                nll[i] += s
+    model.train(was_training)
+    return nll
+
+
 def token_budget_batches(jobs: list, budget: int) -> list[list]:
     """Cut length-sorted jobs into batches whose padded size (count x longest) stays within budget
     and is at least half real tokens.
@@ -142,21 +158,11 @@ def token_budget_batches(jobs: list, budget: int) -> list[list]:
 
 def score_texts(model, tokenizer, texts, window=512, stride=512, batch_size=4) -> dict:
     ids_per_text = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-    jobs = []  # (text index, window ids, number of targets)
+    jobs = []  # (text index, window ids, positions whose next token is a target)
     for i, ids in enumerate(ids_per_text):
         for begin, end, first in plan_windows(len(ids), window, stride):
-            jobs.append((i, ids[begin:end], end - first))
-    jobs.sort(key=lambda job: len(job[1]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    nll = [0.0] * len(ids_per_text)
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for chunk in token_budget_batches(jobs, budget=batch_size * window):
-            sums = window_nll(model, [j[1] for j in chunk], [j[2] for j in chunk], pad_id)
-            for (i, _, _), s in zip(chunk, sums, strict=True):
-                nll[i] += s
-    model.train(was_training)
+            jobs.append((i, ids[begin:end], range(first - begin - 1, end - begin - 1)))
+    nll = nll_sums(model, tokenizer, jobs, len(ids_per_text), budget=batch_size * window)
     counts = [max(len(ids) - 1, 0) for ids in ids_per_text]
     if not any(counts):
         raise ValueError("no text has two or more tokens; nothing can be scored")

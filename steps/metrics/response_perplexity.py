@@ -20,10 +20,9 @@ import json
 
 import datasets
 import evaluate
-import torch
 
 from steps.chat import IGNORE, render
-from steps.metrics.corpus_perplexity import positions_nll, summarize, token_budget_batches
+from steps.metrics.corpus_perplexity import nll_sums, summarize
 
 _DESCRIPTION = "Perplexity of the assistant's tokens of conversations, given their prompts."
 _KWARGS_DESCRIPTION = """
@@ -52,17 +51,7 @@ def score_conversations(model, tokenizer, conversations, window=512, batch_size=
             jobs.append((i, ids, where))
     if not jobs:
         raise ValueError("no conversation has an assistant token to score")
-    jobs.sort(key=lambda job: len(job[1]))
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    nll = [0.0] * len(conversations)
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for chunk in token_budget_batches(jobs, budget=batch_size * window):
-            sums = positions_nll(model, [j[1] for j in chunk], [j[2] for j in chunk], pad_id)
-            for (i, _, _), s in zip(chunk, sums, strict=True):
-                nll[i] = s
-    model.train(was_training)
+    nll = nll_sums(model, tokenizer, jobs, len(conversations), budget=batch_size * window)
     # an end-of-turn token alone has no bytes: count one so bits per byte stay finite
     result = summarize(nll, counts, [max(b, 1) for b in text_bytes])
     result["truncated"] = truncated

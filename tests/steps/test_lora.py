@@ -3,13 +3,13 @@ merge, and lora runs of steps.train.train() on the tiny model (end to end, resum
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 
 import pytest
 import torch
 
+from benchmarks.workloads import loss_curve, prepared_docs
 from steps import lora
 from steps.errors import UserError
 from steps.params import TrainParams, parse_params
@@ -187,21 +187,8 @@ def test_merge_equals_base_plus_adapter_and_reloads_alone(tmp_path, tiny_model_d
 
 
 def prepared_data(tmp_path, tiny_model_dir):
-    """DOCS prepared for the tiny model in blocks of 16 tokens, as tests/steps/test_train* do."""
-    from transformers import AutoTokenizer
-
-    from steps.params import PrepareParams
-    from steps.prepare import prepare
-
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prepare(PrepareParams(block_size=16), tmp_path / "docs.jsonl", tokenizer, tmp_path / "prepared")
-    return tmp_path / "prepared"
-
-
-def losses(path) -> dict[int, float]:
-    with path.open() as f:
-        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(f)}
+    """DOCS prepared for the tiny model in blocks of 16 tokens: the directory."""
+    return prepared_docs(tmp_path, tiny_model_dir, DOCS)
 
 
 LORA = TrainParams(
@@ -233,7 +220,7 @@ def test_lora_train_end_to_end_writes_adapter_and_merged_model(clean_run, tiny_m
     assert metrics["total_parameters"] == metrics["trainable_parameters"] + sum(
         p.numel() for p in base.parameters()
     )
-    curve = losses(root / "loss.csv")
+    curve = loss_curve(root / "loss.csv")
     first, last = sum(curve[s] for s in (1, 2, 3)) / 3, sum(curve[s] for s in (6, 7, 8)) / 3
     assert last < first - 0.1  # nats; a frozen random base with r=8 adapters: 6.0 -> 5.8
     assert not (root / "ckpt").exists() or not any((root / "ckpt").iterdir())
@@ -278,7 +265,7 @@ def test_lora_resumes_from_an_adapter_checkpoint_exactly(
     capsys.readouterr()
     metrics = train(LORA, tiny_model_dir, prepared, *outs(tmp_path))
     assert f"resuming from {run_dir / 'checkpoint-4'}" in capsys.readouterr().out
-    resumed, uninterrupted = losses(tmp_path / "loss.csv"), losses(clean / "loss.csv")
+    resumed, uninterrupted = loss_curve(tmp_path / "loss.csv"), loss_curve(clean / "loss.csv")
     for step in range(5, 9):  # trained after the resume: same adapter, optimizer, data, dropout
         assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-5), step
     assert metrics["eval_loss"] == pytest.approx(expected["eval_loss"], abs=1e-5)

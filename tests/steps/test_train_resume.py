@@ -3,11 +3,11 @@ and ends exactly where an uninterrupted run ends."""
 
 from __future__ import annotations
 
-import csv
-import json
 import shutil
 
 import pytest
+
+from benchmarks.workloads import loss_curve, prepared_docs
 
 pytestmark = pytest.mark.unit
 
@@ -18,20 +18,7 @@ DOCS = [
 
 def prepared_data(tmp_path, tiny_model_dir):
     """DOCS prepared for the tiny model in blocks of 16 tokens: the directory."""
-    from transformers import AutoTokenizer
-
-    from steps.params import PrepareParams
-    from steps.prepare import prepare
-
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    prepare(PrepareParams(block_size=16), tmp_path / "docs.jsonl", tokenizer, tmp_path / "prepared")
-    return tmp_path / "prepared"
-
-
-def losses(path) -> dict[int, float]:
-    with path.open() as f:
-        return {int(row["step"]): float(row["loss"]) for row in csv.DictReader(f)}
+    return prepared_docs(tmp_path, tiny_model_dir, DOCS)
 
 
 def test_a_retry_resumes_from_the_last_complete_checkpoint_exactly(
@@ -76,7 +63,7 @@ def test_a_retry_resumes_from_the_last_complete_checkpoint_exactly(
     assert f"resuming from {run_dir / 'checkpoint-4'}" in out
     assert metrics["steps"] == 8 and (tmp_path / "tuned" / "model.safetensors").is_file()
     assert not any(ckpts.iterdir())  # checkpoints are removed on success
-    resumed, uninterrupted = losses(tmp_path / "loss.csv"), losses(clean / "loss.csv")
+    resumed, uninterrupted = loss_curve(tmp_path / "loss.csv"), loss_curve(clean / "loss.csv")
     assert resumed.keys() == uninterrupted.keys() == set(range(1, 9))
     for step in range(5, 9):  # the steps trained after the resume
         assert resumed[step] == pytest.approx(uninterrupted[step], abs=1e-5), step
@@ -134,6 +121,8 @@ def test_a_run_killed_after_its_last_checkpoint_does_not_train_again(
     metrics = train(params, tiny_model_dir, prepared, *outs)
     assert "holds all 4 steps; not training again" in capsys.readouterr().out
     assert metrics["steps"] == 4
-    assert losses(tmp_path / "loss.csv") == pytest.approx(losses(clean / "loss.csv"), abs=1e-6)
+    assert loss_curve(tmp_path / "loss.csv") == pytest.approx(
+        loss_curve(clean / "loss.csv"), abs=1e-6
+    )
     assert metrics["train_loss"] == pytest.approx(expected["train_loss"], rel=1e-5)
     assert metrics["eval_loss"] == pytest.approx(expected["eval_loss"], abs=1e-5)
