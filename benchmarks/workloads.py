@@ -144,19 +144,6 @@ def random_model_dir(dest: Path, layers: int | None = None, seed: int = 0) -> tu
     return dest, save_random_llama(dest, shape, placeholder_tokenizer(), seed)
 
 
-def random_chat_model_dir(
-    dest: Path, tokenizer_dir: Path, layers: int, seed: int = 0
-) -> tuple[Path, int]:
-    """SmolLM2-135M's architecture with `layers` layers and random weights, saved with the
-    tokenizer and chat template of `tokenizer_dir` (the real SmolLM2's), so chat data renders and
-    tokenizes as it does for the real model; returns (directory, parameter count)."""
-    from transformers import AutoTokenizer
-
-    shape = dict(SMOLLM2_135M, num_hidden_layers=layers)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    return dest, save_random_llama(dest, shape, tokenizer, seed)
-
-
 def prepared_docs(root: Path, model_dir: Path, docs: list[str], block_size: int = 16) -> Path:
     """`docs` written as JSONL under `root` and prepared (steps.prepare) for the model in
     `model_dir`, in blocks of `block_size` tokens: the prepared directory."""

@@ -83,11 +83,13 @@ def smoke_serve(
     with tempfile.TemporaryDirectory() as tmp:
         local = download_model(model_uri, uri, Path(tmp) / "model")
         task = logged_task(local)
-        prompts = check_prompts(list(prompts or default_prompts(task)), task)
+        # the built-in prompt first (its answer is the one reported), then any held-out ones
+        prompts = check_prompts([*default_prompts(task), *(prompts or [])], task)
         asked = [prompts[i % len(prompts)] for i in range(max(requests, len(prompts)))]
         answers, latencies_ms, ready_s = serve_and_ask(model_uri, uri, asked, max_tokens, Path(tmp))
-        if not all(a.strip() for a in answers):
-            raise RuntimeError(f"{model_uri} answered an empty completion to {prompts[0]!r}")
+        # An empty answer is not a fault by itself: greedy decoding of a small or barely trained
+        # model can end its turn at once. The parity check below says whether the server answered
+        # what the model itself generates.
         model, tokenizer = load_logged(local)
         served = [answers[i :: len(prompts)] for i in range(len(prompts))]
         checks = parity_checks(model, tokenizer, prompts, served, max_tokens)

@@ -86,14 +86,15 @@ def test_a_chat_lora_run_scores_responses_registers_a_chat_model_and_serves_it(c
         card["splits"]["train"]["supervised_tokens"]
     )
     assert summary["promotion"]["promoted"], summary["promotion"]
-    # served as a chat model, and its answers to 3 held-out prompts equal in-process generation
+    # served as a chat model, and its answers to the built-in prompt and 3 held-out prompts equal
+    # in-process generation
     from steps.serve import registered_task
 
     assert registered_task(f"sqlite:///{root}/mlflow.db", f"models:/llmpipe/{version.version}") == (
         "llm/v1/chat"
     )
     assert version.tags["serve_parity"].startswith(
-        "served answers equal in-process greedy generation for 3 of 3 prompts"
+        "served answers equal in-process greedy generation for 4 of 4 prompts"
     )
     from flows.report import report_markdown
 
