@@ -252,7 +252,7 @@ def test_llmpipe_chat_talks_to_a_registered_model_and_ends_on_ctrl_c_with_130(re
         got: list[bytes] = []
         reader = threading.Thread(target=lambda: got.append(proc.stdout.read(len(expected))))
         reader.start()
-        reader.join(timeout=120)  # the answer is out: it now waits for the next line
+        reader.join(timeout=300)  # the answer is out (slow on busy cores): it waits for more
         assert got == [expected]
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130
