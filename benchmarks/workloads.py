@@ -161,6 +161,21 @@ def prepared_docs(root: Path, model_dir: Path, docs: list[str], block_size: int 
     return root / "prepared"
 
 
+def crash_trainer_at(monkeypatch, step: int) -> None:
+    """Make transformers' Trainer raise RuntimeError('simulated kill') on its `step`-th step."""
+    from transformers import Trainer
+
+    real_step, calls = Trainer.training_step, {"n": 0}
+
+    def crashing_step(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            raise RuntimeError("simulated kill")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", crashing_step)
+
+
 def loss_curve(path: Path) -> dict[int, float]:
     """step -> loss of a loss-curve CSV that steps.train writes."""
     import csv

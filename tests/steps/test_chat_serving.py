@@ -3,10 +3,6 @@ greedy reference, the parity verdict, and the serving check that holds a candida
 
 from __future__ import annotations
 
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
 from steps.chat_serving import (
@@ -55,32 +51,13 @@ def test_answer_text_reads_a_chat_message(answer):
     assert answer_text({"choices": [{"text": " over items"}]}) == " over items"
 
 
-def test_ask_posts_a_chat_request_at_temperature_0():
-    seen = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            seen.append(
-                (self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-            )
-            out = json.dumps([CHAT_ANSWER]).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    try:
-        assert ask(f"http://127.0.0.1:{server.server_address[1]}", HELLO, 12) == "It loops."
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert seen == [("/invocations", {"messages": HELLO, "max_tokens": 12, "temperature": 0.0})]
+def test_ask_posts_a_chat_request_at_temperature_0(completion_server):
+    url, state = completion_server
+    state["answer"] = [CHAT_ANSWER]
+    assert ask(url, HELLO, 12) == "It loops."
+    [request] = state["requests"]
+    assert request["path"] == "/invocations"
+    assert request["body"] == {"messages": HELLO, "max_tokens": 12, "temperature": 0.0}
 
 
 def test_a_tokenizer_with_a_chat_template_is_served_as_chat_and_greedy(chat_model, tiny_model):

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks.workloads import loss_curve, prepared_docs
+from benchmarks.workloads import crash_trainer_at, loss_curve, prepared_docs
 from steps import lora
 from steps.errors import UserError
 from steps.params import TrainParams, parse_params
@@ -248,15 +248,8 @@ def test_lora_resumes_from_an_adapter_checkpoint_exactly(
     from steps.train import train
 
     prepared, clean, expected = clean_run
-    real_step, calls = Trainer.training_step, {"n": 0}
-
-    def crash_on_sixth_step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise RuntimeError("simulated kill")
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "training_step", crash_on_sixth_step)
+    real_step = Trainer.training_step  # put back after the crash
+    crash_trainer_at(monkeypatch, 6)
     with pytest.raises(RuntimeError, match="simulated kill"):
         train(LORA, tiny_model_dir, prepared, *outs(tmp_path))
     [run_dir] = (tmp_path / "ckpt").glob("train-*")

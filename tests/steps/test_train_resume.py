@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from benchmarks.workloads import loss_curve, prepared_docs
+from benchmarks.workloads import crash_trainer_at, loss_curve, prepared_docs
 
 pytestmark = pytest.mark.unit
 
@@ -36,15 +36,8 @@ def test_a_retry_resumes_from_the_last_complete_checkpoint_exactly(
     expected = train(params, tiny_model_dir, prepared, clean / "tuned", clean / "train.json",
                      clean / "loss.csv", clean / "ckpt")  # fmt: skip
 
-    real_step, calls = Trainer.training_step, {"n": 0}
-
-    def crash_on_sixth_step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise RuntimeError("simulated kill")
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(Trainer, "training_step", crash_on_sixth_step)
+    real_step = Trainer.training_step  # put back after the crash
+    crash_trainer_at(monkeypatch, 6)
     with pytest.raises(RuntimeError, match="simulated kill"):
         train(params, tiny_model_dir, prepared, *outs)
     assert not (tmp_path / "tuned").exists()  # nothing half-written
