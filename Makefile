@@ -31,7 +31,7 @@ chat: $(STAMP)  ## fine-tune the embedded chat example with LoRA end to end
 # one order with --randomly-seed=N, or keep file order with -p no:randomly). gpu tests run wherever
 # CUDA is present.
 test: $(STAMP) chromium lint  ## lint, then unit, integration, e2e (and gpu) tiers
-	$(BIN)/python -m pytest -m "unit or integration or e2e or gpu" -v --durations=15
+	$(BIN)/python -m pytest -m "unit or integration or e2e or gpu" -v --durations=40
 
 # The Prefect UI test drives Debian's chromium (playwright itself downloads nothing).
 chromium:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from steps.chat_serving import check_parity, end_of_turn_name, parity_verdict
-from steps.serve import serve_command, server_env, smoke_serve
+from steps.serve import SMOKE_MESSAGES, serve_command, server_env, smoke_serve
 from steps.servers import LOOPBACK, free_port, stop_process_group, wait_http
 
 pytestmark = pytest.mark.integration
@@ -188,11 +188,13 @@ def test_parity_with_in_process_generation_holds_and_can_fail(chat_server, regis
 
 def test_smoke_serve_asks_a_chat_model_chat_requests(registry):
     uri, talkative = registry
+    # the built-in prompt first (its answer is the one reported), then the two given: one request
+    # each, though 2 were asked for
     report = smoke_serve(CHAT, uri, requests=2, prompts=PROMPTS[1:], max_tokens=BUDGET)
-    assert report["task"] == "llm/v1/chat" and report["requests"] == 2
-    assert report["prompt"] == "What does raise do?"
-    assert report["completion"] == greedy(talkative, PROMPTS[1])[0].lstrip()
-    assert report["parity"]["ok"] and report["parity"]["prompts"] == 2
+    assert report["task"] == "llm/v1/chat" and report["requests"] == 3
+    assert report["prompt"] == SMOKE_MESSAGES[-1]["content"]
+    assert report["completion"] == greedy(talkative, SMOKE_MESSAGES)[0].lstrip()
+    assert report["parity"]["ok"] and report["parity"]["prompts"] == 3
 
 
 def test_a_completions_model_still_serves_greedy_completions(registry, tiny_model_dir):
