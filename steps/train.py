@@ -125,8 +125,10 @@ def train(
     metrics_file: Path,
     loss_curve: Path,
     checkpoints: Path,
+    callbacks: list | None = None,
 ) -> dict:
-    """Fine-tune `base_dir` on `data_dir`; write the model, its metrics and its loss curve."""
+    """Fine-tune `base_dir` on `data_dir`; write the model, its metrics and its loss curve.
+    `callbacks`: extra TrainerCallbacks (a benchmark's clock, say)."""
     from datasets import load_from_disk
     from transformers import AutoTokenizer, Trainer
     from transformers.integrations import MLflowCallback
@@ -154,6 +156,7 @@ def train(
         args=training_arguments(params, ckpt_dir),
         train_dataset=train_set,
         data_collator=collator(train_set),
+        callbacks=callbacks,
     )
     started = time.perf_counter()
     if done is None:
