@@ -305,15 +305,14 @@ def loop_child(spec: dict) -> dict:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         fused = LigerFusedLinearCrossEntropyLoss()
-        backbone = model.model
+        # the backbone compiled, Liger's Triton kernels left outside the graph (compiled together
+        # they hit an illegal memory access on torch 2.11 + liger 0.8.5, H200)
+        backbone = torch.compile(model.model) if spec["compile"] else model.model
 
-        def loss_of(ids):
+        def step_loss(ids):
             hidden = backbone(input_ids=ids).last_hidden_state[:, :-1]
-            labels = ids[:, 1:]
             flat = hidden.reshape(-1, hidden.shape[-1])
-            return fused(model.lm_head.weight, flat, labels.reshape(-1))
-
-        step_loss = torch.compile(loss_of) if spec["compile"] else loss_of
+            return fused(model.lm_head.weight, flat, ids[:, 1:].reshape(-1))
     else:
         forward = torch.compile(model) if spec["compile"] else model
 
@@ -368,6 +367,8 @@ def part_mfu(args, model_dir: Path, work: Path) -> dict:
     ]  # fmt: skip
     failed = []
     for i, (name, kind, options) in enumerate(variants):
+        if args.only and not any(word in name for word in args.only.split(",")):
+            continue
         if kind == "train":
             params = {"max_steps": steps + WARMUP, "batch_size": batch, "save_steps": 10**6}
             spec = {"params": params, "model": str(model_dir), "data": str(data)}
@@ -438,6 +439,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="chat part's blocks per step")
     parser.add_argument("--mfu-block", type=int, default=2048, help="mfu part's block size")
     parser.add_argument("--mfu-batch", type=int, default=16, help="mfu part's blocks per step")
+    parser.add_argument("--only", help="mfu variants whose names contain one of these words")
     parser.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # tests
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak")
     parser.add_argument("--child", choices=("train", "loop"), help=argparse.SUPPRESS)
