@@ -92,7 +92,13 @@ class TrainParams(_Section):
     )
     lora_r: int = Field(16, ge=1, le=4096, description="rank of each LoRA update (lora, qlora)")
     lora_alpha: int = Field(32, ge=1, description="LoRA scale numerator: updates scale by alpha/r")
-    lora_dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA branch input")
+    lora_dropout: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="dropout on the LoRA branch input (above 0 it costs a copy of every adapted "
+        "layer input: speed and memory)",
+    )
     lora_target_modules: str | list[str] = Field(
         "all-linear",
         description="'all-linear' (attention and MLP projections, not the output head) or Linear "
