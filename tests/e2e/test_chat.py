@@ -31,9 +31,15 @@ def test_chat_lora_lowers_response_perplexity_and_answers_chat(
     project = make_project(
         tmp_path / "project",
         {
-            # 3% held out (~80 conversations): scoring base and tuned stays within a minute
-            "prepare": {"data": EMBEDDED_CHAT, "test_fraction": 0.03},
-            "train": {"method": "lora", "max_steps": 6, "save_steps": 3, "learning_rate": 1.0e-3},
+            # 2% held out (~50 conversations) and 6 steps of 4 blocks: a few minutes in all
+            "prepare": {"data": EMBEDDED_CHAT, "test_fraction": 0.02},
+            "train": {
+                "method": "lora",
+                "max_steps": 6,
+                "batch_size": 4,
+                "save_steps": 3,
+                "learning_rate": 1.0e-3,
+            },
             "evaluate": {"samples": 1, "sample_tokens": 16},
             "serve": {"smoke_requests": 1},
         },
@@ -45,7 +51,7 @@ def test_chat_lora_lowers_response_perplexity_and_answers_chat(
 
     metrics = json.loads((project / "metrics/eval.json").read_text())
     print(json.dumps(metrics, indent=2))
-    assert metrics["scored"] == "responses" and metrics["documents"] >= 40
+    assert metrics["scored"] == "responses" and metrics["documents"] >= 30
     assert 5 < metrics["base_perplexity"] < 60  # SmolLM2 on these answers scores ~19
     assert metrics["perplexity"] < metrics["base_perplexity"]
     card = json.loads((project / "metrics/data.json").read_text())
