@@ -300,6 +300,11 @@ COMMANDS: dict[str, Row] = {
         ('{"benchmark": "train_throughput"',),
         slow="trains a 42M-parameter model twice (~1-1.5 min on 2 busy cores)",
     ),
+    ".venv/bin/python benchmarks/train.py --quick": Run(
+        ('{"benchmark": "train"',),
+        timeout=1200,
+        slow="trains SmolLM2-135M three times (~5-8 min on 2 busy cores)",
+    ),
     ".venv/bin/python benchmarks/orchestration.py --quick": Run(
         ('{"benchmark": "orchestration"',),
         timeout=900,
@@ -341,11 +346,12 @@ COMMANDS: dict[str, Row] = {
     # The walk's tiny model has no chat template, and the tiny chat model answers greedily with
     # nothing (its first token is the end of the turn), which the serving check refuses; these run
     # on the real SmolLM2 in tests/e2e/test_chat.py (the chat flow with LoRA, llmpipe chat piped).
-    "make chat": NotRun("SmolLM2 with LoRA, ~10 min: tests/e2e/test_chat.py runs its flow"),
+    "make chat": NotRun("SmolLM2 with LoRA, ~8 min: tests/e2e/test_chat.py runs its flow"),
     CHAT_QUESTION: NotRun("needs a chat champion: tests/e2e/test_chat.py pipes one to it"),
     "llmpipe chat": NotRun("named in prose; tests/e2e/test_chat.py and test_chat_serve.py run it"),
     OWN_CHAT: NotRun("chat data needs a chat model: tests/flows/test_chat_flow.py runs one"),
     "pip install 'llmpipe[qlora]'": NotRun("installs bitsandbytes, a CUDA library: no GPU here"),
+    "python benchmarks/gpu.py --model DIR --chat FILE": NotRun("needs a CUDA device: none here"),
     "make test": NotRun("the suite this test is part of: it would run itself"),
     "make test-integration": NotRun("the tier this test is part of: it would run itself"),
     "LLMPIPE_SCREENSHOTS=docs/images make test-integration": NotRun(
