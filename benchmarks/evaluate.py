@@ -1,25 +1,44 @@
-"""Evaluation speed of llmpipe's perplexity metric against a Hub-style baseline, side by side.
+"""Evaluation speed of llmpipe's perplexity metric against lm-evaluation-harness and a Hub-style
+baseline, side by side.
 
-    python benchmarks/evaluate.py [--quick] [--model DIR] [--data DIR] [--texts N] [--max-length N]
+    python benchmarks/evaluate.py [--quick] [--model DIR] [--data DIR] [--texts N] [--window N]
+                                  [--equal-tokens N] [--equal-texts N] [--max-length N]
                                   [--batch-size N] [--baseline-batch-size N] [--device cpu|cuda]
 
-Both sides score the same texts, each cut beforehand to its first `--max-length` tokens (so every
-text is one window and both sides predict exactly the same tokens, which is checked):
-- the baseline follows the algorithm of the Hub's `perplexity` metric, written here from its
-  description: load the model and tokenizer inside the call, tokenize every text at once padded to
-  the longest, then loop over the texts in input order (one per forward pass by default), float32,
-  `torch.no_grad()`; per-text perplexity exp(mean NLL of tokens 1..n-1) (the NLL is taken with the
-  vocabulary on the last dimension: the Hub's dim-1 layout is ~1e-4 low in float32 on CPU);
-- llmpipe: the model is loaded once beforehand (as steps.evaluate does), then the local `evaluate`
-  metric steps/metrics/corpus_perplexity.py is timed through `evaluate`'s `compute` with
-  window = stride = max length: windows sorted by length, batched with no padding beyond each batch,
-  `torch.inference_mode()`, bf16 autocast on CUDA.
-Texts: the held-out test split (`--data`/test, default data/prepared/test) when it exists, topped up
-with a fixed sample of CPython's `pydoc_data.topics` (the embedded corpus) to `--texts`.
+The model is loaded once (as steps.evaluate loads it: float32, `--device`) and shared by llmpipe
+and lm_eval; model loading is timed on neither side there, only the scoring calls are.
+
+1. llmpipe vs lm-evaluation-harness (the primary comparison). lm_eval runs as its users run a
+   perplexity task on a preloaded model: `HFLM(pretrained=model, tokenizer=..., batch_size=B,
+   max_length=W)`, one `Instance("loglikelihood_rolling", ...)` per text (as its PerplexityTask
+   builds them) passed to `loglikelihood_rolling`; timed: building the requests and that call.
+   llmpipe: `evaluate`'s compute of steps/metrics/corpus_perplexity.py, as steps.evaluate calls it.
+   Same texts, same batch size B (windows per pass; llmpipe's token budget is B full windows),
+   float32 on CPU on both sides (bf16 autocast on both on CUDA). The definitions are aligned so
+   both predict exactly the same tokens from the same contexts (benchmarks/rolling_perplexity.py
+   says how): lm_eval predicts a text's first token from a prefix token (BOS, else EOS), so
+   llmpipe scores the text with that token in front, whose only role is context; llmpipe's
+   window is W + 1 tokens with stride W, which reproduces lm_eval's disjoint windows (one token of
+   context each after the first); texts longer than W are cut to a whole number of windows,
+   since lm_eval right-aligns a partial last window. The per-text NLL sums are then compared.
+   Two sets: (a) varied lengths: `--texts` held-out texts, each cut to `--max-length` tokens and
+   to whole windows; (b) equal lengths: `--equal-texts` texts (the first long enough) cut to
+   exactly `--equal-tokens` tokens.
+2. llmpipe vs a Hub-style baseline (second line): each text cut to its first `--max-length`
+   tokens (one window each). The baseline follows the algorithm of the Hub's `perplexity` metric,
+   written here from its description (the Hub's script cannot load offline): load the model and
+   tokenizer inside the call, tokenize every text at once padded to the longest, loop over the
+   texts in input order (one per forward pass by default), float32, `torch.no_grad()`; per-text
+   perplexity exp(mean NLL of tokens 1..n-1) (the NLL taken with the vocabulary on the last
+   dimension: the Hub's dim-1 layout is ~1e-4 low in float32 on CPU). Its speedup check counts
+   scoring only (its in-call model load is measured and left out, as llmpipe's load is); the
+   ratio with each side's load included is printed too.
+Texts: the held-out test split (`--data`/test, default data/prepared/test) when it exists, topped
+up with a fixed sample of CPython's `pydoc_data.topics` (the embedded corpus) to `--texts`.
 The model is `--model` (default models/base: `dvc repro base_model` or `make run` makes it).
-Prints texts, tokens, seconds and tokens/s per side, the speedup with and without the baseline's
-model load, the largest per-text perplexity difference, and ends with one JSON line. Exits non-zero
-only when it cannot measure (no model, or the two sides did not score the same tokens).
+Prints texts, tokens, seconds and tokens/s per side, the ratios and the largest per-text
+differences, and ends with one JSON line. Exits non-zero only when it cannot measure (no model,
+or the two sides did not score the same tokens).
 """
 
 from __future__ import annotations
@@ -40,6 +59,9 @@ if str(REPO) not in sys.path:
 METRIC_PATH = REPO / "steps" / "metrics" / "corpus_perplexity.py"
 FP32_TOLERANCE = 1e-4  # the issue's goal for per-text perplexities
 BF16_TOLERANCE = 2e-2  # llmpipe autocasts to bf16 on CUDA (~3 significant digits per logit)
+
+
+LM_EVAL_SPEED_GOALS = {"varied": ">=1.5", "equal": ">=1.0"}  # tokens/s, llmpipe / lm_eval
 
 
 class MeasureError(Exception):
@@ -210,10 +232,45 @@ def max_relative_difference(a: list[float], b: list[float]) -> float:
 # the run -----------------------------------------------------------------------------------------
 
 
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    """Both sides on the same texts; the numbers main() prints."""
-    model_dir = Path(args.model)
-    metric, model, tokenizer, llmpipe_load = load_llmpipe(model_dir, args.device)
+def measure_lm_eval(args: argparse.Namespace, metric: Any, model: Any, tokenizer: Any) -> dict:
+    """llmpipe vs lm_eval's loglikelihood_rolling on the varied and the equal-length set."""
+    from benchmarks import rolling_perplexity as rp
+
+    data = Path(args.data) if args.data else None
+    lm = rp.lm_eval_scorer(model, tokenizer, args.window, args.batch_size)
+    raw, source = load_texts(data, args.texts)
+    pool, _ = load_texts(data, 10_000)  # every held-out text and topic: the long ones are few
+    sets = {
+        "varied": rp.whole_windows(tokenizer, raw, args.window, args.max_length),
+        "equal": rp.equal_length(tokenizer, pool, args.equal_tokens, args.equal_texts),
+    }
+    if not sets["varied"] or not sets["equal"]:
+        raise MeasureError(f"no texts for the varied or the equal-length set ({source})")
+    # Untimed warm-up of both sides (threads, kernels, evaluate's cache).
+    rp.lm_eval_rolling(lm, sets["varied"][:2])
+    rp.llmpipe_rolling(metric, model, tokenizer, lm, sets["varied"][:2], args.batch_size)
+    result: dict[str, Any] = {"source": source, "lm": lm}
+    for name, texts in sets.items():
+        try:
+            counts = rp.check_alignment(lm, tokenizer, texts)
+        except ValueError as e:
+            raise MeasureError(f"{name} set: {e}") from e
+        theirs = rp.lm_eval_rolling(lm, texts)
+        ours = rp.llmpipe_rolling(metric, model, tokenizer, lm, texts, args.batch_size)
+        if ours["text_tokens"] != counts:
+            raise MeasureError(f"{name} set: llmpipe did not predict every token lm_eval did")
+        result[name] = {
+            "texts": texts,
+            "counts": counts,
+            "theirs": theirs,
+            "ours": ours,
+            "max_rel_diff": max_relative_difference(ours["text_nlls"], theirs["nlls"]),
+        }
+    return result
+
+
+def measure_hub(args: argparse.Namespace, metric: Any, model: Any, tokenizer: Any) -> dict:
+    """llmpipe vs the Hub-style baseline on the same texts, each cut to one window."""
     raw, source = load_texts(Path(args.data) if args.data else None, args.texts)
     texts = cut_to_tokens(tokenizer, raw, args.max_length)
     if not texts:
@@ -224,7 +281,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     start = time.perf_counter()
     base = hub_style_perplexities(
-        model_dir, texts, args.baseline_batch_size, args.max_length, args.device
+        Path(args.model), texts, args.baseline_batch_size, args.max_length, args.device
     )
     base_seconds = time.perf_counter() - start
 
@@ -249,55 +306,105 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "base_seconds": base_seconds,
         "ours": ours,
         "ours_seconds": ours_seconds,
-        "llmpipe_load": llmpipe_load,
         "max_rel_diff": max_relative_difference(ours["perplexities"], base["perplexities"]),
     }
 
 
-def report(args: argparse.Namespace, r: dict[str, Any]) -> dict[str, Any]:
-    """Print the human-readable lines; return the JSON line's object."""
+def tolerance_goal(args: argparse.Namespace) -> tuple[float, str, str]:
+    """(tolerance, goal, what the precision is): fp32 on CPU; llmpipe autocasts bf16 on CUDA."""
+    if args.device.startswith("cuda"):
+        note = (
+            "bf16 autocast on CUDA: checked against "
+            f"{BF16_TOLERANCE:g} instead of the issue's {FP32_TOLERANCE:g} (which holds in float32)"
+        )
+        return BF16_TOLERANCE, "<=2e-2", note
+    return FP32_TOLERANCE, "<=1e-4", "float32 on both sides"
+
+
+def report_lm_eval(args: argparse.Namespace, r: dict[str, Any], load: float) -> list[dict]:
+    """Print the lm_eval comparison; return its checks."""
+    tolerance, goal, precision = tolerance_goal(args)
+    print(
+        f"llmpipe vs lm-evaluation-harness (HFLM.loglikelihood_rolling), texts from {r['source']};"
+        f" window {args.window} (lm_eval max_length; llmpipe window {args.window + 1}, stride "
+        f"{args.window}, lm_eval's prefix token in front), batch {args.batch_size} on both sides,"
+        f" device {args.device}; model loaded once beforehand ({load:.2f} s) and shared, "
+        "untimed on both sides: only the scoring calls are timed"
+    )
+    checks, worst = [], 0.0
+    for name, what in (("varied", "varied lengths"), ("equal", "equal lengths")):
+        s, goal_speed = r[name], LM_EVAL_SPEED_GOALS[name]
+        counts, theirs, ours = s["counts"], s["theirs"]["seconds"], s["ours"]["seconds"]
+        tokens, ratio = sum(counts), theirs / ours
+        print(
+            f"  {what}: {len(counts)} texts, {tokens:,} tokens predicted (per text min "
+            f"{min(counts)}, median {statistics.median(counts):g}, max {max(counts)})"
+        )
+        print(
+            f"    lm_eval {theirs:.2f} s, {tokens / theirs:,.0f} tokens/s "
+            f"({s['theirs']['positions']:,} positions run, padding included); "
+            f"llmpipe {ours:.2f} s, {tokens / ours:,.0f} tokens/s"
+        )
+        print(
+            f"    tokens/s llmpipe / lm_eval: {ratio:.2f}x (goal {goal_speed}); per-text NLL max "
+            f"relative difference {s['max_rel_diff']:.2e}"
+        )
+        checks.append(
+            {
+                "name": f"tokens_per_s_vs_lm_eval_{name}",
+                "ratio": round(ratio, 3),
+                "goal": goal_speed,
+            }
+        )
+        worst = max(worst, s["max_rel_diff"])
+    verdict = "within" if worst <= tolerance else "OVER"
+    print(
+        f"  per-text NLL: max relative difference {worst:.2e} ({verdict} {tolerance:g}; "
+        f"{precision})"
+    )
+    checks.append(
+        {"name": "nll_max_relative_difference", "ratio": float(f"{worst:.3e}"), "goal": goal}
+    )
+    return checks
+
+
+def report_hub(args: argparse.Namespace, r: dict[str, Any], load: float) -> list[dict]:
+    """Print the Hub-style comparison; return its checks."""
     base, ours = r["base"], r["ours"]
     counts = ours["text_tokens"]
     tokens = sum(counts)
     scoring = r["base_seconds"] - base["load_seconds"]
-    speedup = r["base_seconds"] / r["ours_seconds"]
-    speedup_scoring = scoring / r["ours_seconds"]
-    cuda = args.device.startswith("cuda")
-    tolerance, goal = (BF16_TOLERANCE, "<=2e-2") if cuda else (FP32_TOLERANCE, "<=1e-4")
+    speedup = scoring / r["ours_seconds"]
+    with_loads = r["base_seconds"] / (r["ours_seconds"] + load)
+    tolerance, goal, precision = tolerance_goal(args)
     print(
-        f"texts: {len(r['texts'])} ({r['source']}), cut to {args.max_length} tokens; "
-        f"{tokens:,} tokens predicted (per text min {min(counts)}, "
-        f"median {statistics.median(counts):g}, max {max(counts)}); device {args.device}"
+        f"llmpipe vs hub-style perplexity: {len(r['texts'])} texts ({r['source']}), cut to "
+        f"{args.max_length} tokens; {tokens:,} tokens predicted (per text min {min(counts)}, "
+        f"median {statistics.median(counts):g}, max {max(counts)})"
     )
     print(
-        f"hub-style baseline: {r['base_seconds']:.2f} s = {base['load_seconds']:.2f} s model load "
-        f"+ {scoring:.2f} s scoring (batch {args.baseline_batch_size}, every text padded to the "
-        f"longest: {base['positions']:,} positions for {tokens:,} tokens); "
-        f"{tokens / r['base_seconds']:,.0f} tokens/s ({tokens / scoring:,.0f} excluding the load)"
+        f"  hub-style baseline: {scoring:.2f} s scoring + {base['load_seconds']:.2f} s model load"
+        f" inside its call (batch {args.baseline_batch_size}, every text padded to the longest: "
+        f"{base['positions']:,} positions for {tokens:,} tokens); {tokens / scoring:,.0f} "
+        f"tokens/s scoring"
     )
     print(
-        f"llmpipe: {r['ours_seconds']:.2f} s (evaluate compute, batch {args.batch_size}, "
-        f"window = stride = {args.max_length}; model loaded once beforehand in "
-        f"{r['llmpipe_load']:.2f} s, not timed); {tokens / r['ours_seconds']:,.0f} tokens/s"
+        f"  llmpipe: {r['ours_seconds']:.2f} s scoring (evaluate compute, batch "
+        f"{args.batch_size}, window = stride = {args.max_length}) + {load:.2f} s model load "
+        f"beforehand; {tokens / r['ours_seconds']:,.0f} tokens/s scoring"
     )
     print(
-        f"speedup: {speedup:.2f}x including the baseline's model load, {speedup_scoring:.2f}x "
-        f"excluding it (goal >=5)"
+        f"  speedup: {speedup:.2f}x scoring only, model load timed on neither side (goal >=5); "
+        f"{with_loads:.2f}x with each side's model load timed"
     )
-    precision = "float32 on both sides"
-    if cuda:
-        precision = (
-            "llmpipe autocasts to bf16 on CUDA, the baseline runs float32: checked against "
-            f"{BF16_TOLERANCE:g} instead of the issue's {FP32_TOLERANCE:g} (which holds in float32)"
-        )
     verdict = "within" if r["max_rel_diff"] <= tolerance else "OVER"
     print(
-        f"per-text perplexity: max relative difference {r['max_rel_diff']:.2e} ({verdict} "
+        f"  per-text perplexity: max relative difference {r['max_rel_diff']:.2e} ({verdict} "
         f"{tolerance:g}; {precision}); mean per-text perplexity {ours['mean_perplexity']:.4f} "
         f"(llmpipe) vs {base['mean_perplexity']:.4f} (baseline); corpus perplexity "
         f"{ours['perplexity']:.4f}"
     )
-    checks = [
+    return [
         {"name": "evaluate_speedup_vs_hub_style", "ratio": round(speedup, 3), "goal": ">=5"},
         {
             "name": "per_text_perplexity_max_rel_diff",
@@ -305,12 +412,13 @@ def report(args: argparse.Namespace, r: dict[str, Any]) -> dict[str, Any]:
             "goal": goal,
         },
     ]
-    return {"benchmark": "evaluate", "checks": checks}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="texts cut to 2048 tokens")
+    parser.add_argument(
+        "--quick", action="store_true", help="window 1024, texts cut to 2048 tokens"
+    )
     parser.add_argument("--model", default=str(REPO / "models" / "base"), help="model directory")
     parser.add_argument(
         "--data", default=str(REPO / "data" / "prepared"), help="prepared data (its test split)"
@@ -318,31 +426,57 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--texts",
         type=int,
-        default=8,
-        help="number of texts (default 8: the "
+        default=16,
+        help="number of texts per set (default 16: the "
         "held-out split of the embedded corpus, topped up with topics if smaller)",
     )
     parser.add_argument(
         "--max-length",
         type=int,
-        help="tokens per text (quick 2048, else 8192: "
-        "SmolLM2's context, so held-out documents are scored whole)",
+        help="tokens per text at most (quick 2048, else 8192: "
+        "SmolLM2's context, so held-out documents are scored whole by the hub-style comparison)",
     )
-    parser.add_argument("--batch-size", type=int, default=8, help="llmpipe windows per pass")
     parser.add_argument(
-        "--baseline-batch-size", type=int, default=1, help="baseline texts per pass"
+        "--window",
+        type=int,
+        help="lm_eval's max_length, tokens per rolling window (quick 1024, else 2048)",
+    )
+    parser.add_argument(
+        "--equal-tokens",
+        type=int,
+        help="tokens per text of the equal-length set, a multiple of --window (default 2 windows)",
+    )
+    parser.add_argument(
+        "--equal-texts", type=int, default=8, help="texts in the equal-length set (default 8)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="windows per pass (llmpipe and lm_eval)"
+    )
+    parser.add_argument(
+        "--baseline-batch-size", type=int, default=1, help="hub-style baseline texts per pass"
     )
     parser.add_argument("--device", help="cuda when available, else cpu")
     args = parser.parse_args(argv)
     # The pipeline's real workload is the held-out documents as they are (92 to 8871 tokens): the
     # Hub algorithm pads every one to the longest; shorter caps (--max-length) shrink that waste.
     args.max_length = args.max_length or (2048 if args.quick else 8192)
+    args.window = args.window or (1024 if args.quick else 2048)
+    args.equal_tokens = args.equal_tokens or 2 * args.window
     if args.device is None:
         import torch
 
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.max_length < 2 or args.texts < 1 or args.batch_size < 1 or args.baseline_batch_size < 1:
-        parser.error("--max-length must be >= 2; --texts and the batch sizes >= 1")
+    sizes = (args.texts, args.equal_texts, args.batch_size, args.baseline_batch_size)
+    if args.max_length < 2 or args.window < 2 or min(sizes) < 1:
+        parser.error(
+            "--max-length and --window must be >= 2; "
+            "--texts, --equal-texts and the batch sizes >= 1"
+        )
+    if args.equal_tokens > args.window and args.equal_tokens % args.window:
+        parser.error(
+            f"--equal-tokens ({args.equal_tokens}) must be a multiple of --window "
+            f"({args.window}): lm_eval right-aligns a partial last window (see the docstring)"
+        )
     return args
 
 
@@ -356,12 +490,15 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    metric, model, tokenizer, load = load_llmpipe(model_dir, args.device)
     try:
-        result = measure(args)
+        lm_eval_result = measure_lm_eval(args, metric, model, tokenizer)
+        hub_result = measure_hub(args, metric, model, tokenizer)
     except MeasureError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(report(args, result)))
+    checks = report_lm_eval(args, lm_eval_result, load) + report_hub(args, hub_result, load)
+    print(json.dumps({"benchmark": "evaluate", "checks": checks}))
     return 0
 
 

@@ -91,24 +91,25 @@ def positions_nll(model, batch: list[list[int]], positions, pad_id: int) -> list
     device = next(model.parameters()).device
     width = max(len(ids) for ids in batch)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
     rows, cols = [], []  # (row, position) of each prediction; position p predicts token p + 1
     for row, (seq, where) in enumerate(zip(batch, positions, strict=True)):
         ids[row, : len(seq)] = torch.tensor(seq)
-        mask[row, : len(seq)] = 1
         rows += [row] * len(where)
         cols += where
-    ids, mask = ids.to(device), mask.to(device)
+    ids = ids.to(device)
+    # No attention mask: the padding is on the right and attention is causal, so no position read
+    # here sees a pad token, and positions count from 0 in every row either way. Without a mask the
+    # attention runs its causal kernel (is_causal) instead of a materialised [batch, 1, n, n] mask.
     rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
     targets = ids[rows_t, cols_t + 1]
     parts = split_head(model)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         if parts is None:
-            logits = model(input_ids=ids, attention_mask=mask).logits[rows_t, cols_t]
+            logits = model(input_ids=ids).logits[rows_t, cols_t]
             nll = target_nll(logits, targets)
         else:
             backbone, head = parts
-            hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state[rows_t, cols_t]
+            hidden = backbone(input_ids=ids).last_hidden_state[rows_t, cols_t]
             nll = torch.cat(
                 [
                     target_nll(head(hidden[k : k + LM_HEAD_CHUNK]), targets[k : k + LM_HEAD_CHUNK])
