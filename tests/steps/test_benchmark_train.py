@@ -104,6 +104,23 @@ def test_heldout_conversations_lie_on_prepare_test_side():
     assert bench.select_conversations(40, 10) == (train, heldout)  # seeded
 
 
+def test_multi_turn_conversations_chain_distinct_pairs_of_their_own_side():
+    from steps.prepare import record_key, split_of
+
+    train, heldout = bench.select_conversations(60, 12, turns=(1, 4))
+    key = record_key("chat")
+    for side, conversations in (("train", train), ("test", heldout)):
+        pairs = [tuple(map(str, m[k : k + 2])) for m in conversations for k in range(0, len(m), 2)]
+        assert len(pairs) == len(set(pairs))  # no QA pair twice
+        for m in conversations:
+            assert [t["role"] for t in m] == ["user", "assistant"] * (len(m) // 2)
+            for k in range(0, len(m), 2):  # each pair on the side prepare would put it
+                assert split_of(key({"messages": m[k : k + 2]}), 0.15, 0.0) == side
+    assert {len(m) // 2 for m in train} == {1, 2, 3, 4}
+    with pytest.raises(bench.MeasureError, match="QA pairs"):
+        bench.select_conversations(10, 10**5, turns=(2, 2))
+
+
 def test_each_arm_trains_the_same_supervised_tokens(prepared, tiny_chat_model_dir):
     import torch
 
@@ -157,8 +174,10 @@ def test_final_loss_ratio_fails_a_difference_either_way():
 
 def test_checks_line_has_the_convention_shape(capsys):
     args = argparse.Namespace(quick=False, heldout=3, epochs=1, block_size=96, batch_size=2)
+    args.turns = (1, 4)
     spec = {"model": "m", "layers": 2, "baseline_batch_size": 4}
     card = {"records": 13, "tokens": 1500, "supervised_tokens": 1000, "blocks": 20}
+    card["truncated"] = 1
     card["packing_efficiency"] = 0.78
     line = json.loads(json.dumps(bench.report(args, spec, card, fake_results(2.0, 2.01))))
     assert line["benchmark"] == "train"
@@ -173,3 +192,13 @@ def test_checks_line_has_the_convention_shape(capsys):
     _, quick = bench.checks(fake_results(2.0, 2.01), quick=True)
     assert [c["name"] for c in quick] == list(bench.QUICK_CHECKS)
     assert "final_loss_ratio" not in bench.QUICK_CHECKS  # printed only: 3 steps are too few
+
+
+def test_turns_argument_is_parsed_or_refused(capsys):
+    assert bench.parse_args(["--turns", "2"]).turns == (2, 2)
+    assert bench.parse_args([]).turns == (1, 1)
+    assert bench.parse_args(["--turns", "1-4"]).turns == (1, 4)
+    for bad in ("0-2", "3-1", "a-b"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--turns", bad])
+        assert "--turns" in capsys.readouterr().err
