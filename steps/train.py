@@ -35,6 +35,7 @@ from steps.errors import UserError
 from steps.outcome import run_main
 from steps.outputs import atomic_dir, atomic_file, write_json
 from steps.params import TrainParams, load_params
+from steps.supervised_loss import supervised_trainer_class
 from steps.tracking import inside_flow_run, log_to_flow_run
 
 
@@ -110,10 +111,23 @@ def training_arguments(params: TrainParams, output_dir: Path):
         save_steps=params.save_steps,
         save_total_limit=1,
         eval_strategy="no",  # one validation pass at the end; mid-run evals cost CPU minutes
+        prediction_loss_only=True,  # that pass wants the loss, not every position's logits kept
         report_to=report_to,
         disable_tqdm=True,  # log lines read better than progress bars in Prefect and DVC logs
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+    )
+
+
+def make_trainer(model, args, train_set, callbacks: list | None = None, collate=None):
+    """The Trainer of the train stage: transformers' own, with its loss computed over supervised
+    tokens only (steps/supervised_loss.py); `collate` defaults to collator(train_set)."""
+    return supervised_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        data_collator=collate or collator(train_set),
+        callbacks=callbacks,
     )
 
 
@@ -130,7 +144,7 @@ def train(
     """Fine-tune `base_dir` on `data_dir`; write the model, its metrics and its loss curve.
     `callbacks`: extra TrainerCallbacks (a benchmark's clock, say)."""
     from datasets import load_from_disk
-    from transformers import AutoTokenizer, Trainer
+    from transformers import AutoTokenizer
     from transformers.integrations import MLflowCallback
 
     lora.check_method(params)  # before any data or weights are read
@@ -151,13 +165,7 @@ def train(
         model = finished_model(params, model, resume)
     elif resume:
         print(f"train: resuming from {resume}")
-    trainer = Trainer(
-        model=model,
-        args=training_arguments(params, ckpt_dir),
-        train_dataset=train_set,
-        data_collator=collator(train_set),
-        callbacks=callbacks,
-    )
+    trainer = make_trainer(model, training_arguments(params, ckpt_dir), train_set, callbacks)
     started = time.perf_counter()
     if done is None:
         with inside_flow_run():  # the Trainer's MLflow callback logs the loss curve into the run
