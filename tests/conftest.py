@@ -47,11 +47,13 @@ def tiny_model(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    """One Prefect test server (temporary SQLite) for the whole session: it takes ~20 s to start."""
+    """One Prefect test server (temporary SQLite) for the whole session: it takes ~20 s to start.
+    Yields its API URL, for the `llmpipe run` subprocesses of a test to use (PREFECT_API_URL)."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=180):
-        yield
+        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture(autouse=True)

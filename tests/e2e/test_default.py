@@ -19,10 +19,16 @@ def test_default_pipeline_lowers_heldout_perplexity(tmp_path, monkeypatch, prefe
     from flows.finetune import finetune
 
     # 8 steps of 4 blocks; no checkpoint (a full one is 1.6 GB to write; tests/flows/test_resume.py
-    # covers resuming). The held-out split stays the default 15%: at 10% it is 6 documents and
-    # 1,486 tokens, too few to score
+    # covers resuming); one sample and one served request (test_chat.py and the flow tests cover
+    # more). The held-out split stays the default 15%: at 10% it is 6 documents and 1,486 tokens,
+    # too few to score
     project = make_project(
-        tmp_path / "project", {"train": {"max_steps": 8, "batch_size": 4, "save_steps": 100}}
+        tmp_path / "project",
+        {
+            "train": {"max_steps": 8, "batch_size": 4, "save_steps": 100},
+            "evaluate": {"samples": 1, "sample_tokens": 16},
+            "serve": {"smoke_requests": 1},
+        },
     )
     uri = f"sqlite:///{project}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

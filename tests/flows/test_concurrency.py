@@ -19,7 +19,9 @@ pytestmark = pytest.mark.integration
 LLMPIPE = Path(sys.executable).parent / "llmpipe"
 
 
-def test_concurrent_runs_are_serialised_and_leave_a_consistent_workspace(tmp_path, tiny_model_dir):
+def test_concurrent_runs_are_serialised_and_leave_a_consistent_workspace(
+    tmp_path, tiny_model_dir, prefect_server
+):
     from mlflow import MlflowClient
 
     project = make_project(tmp_path / "project", tiny_params(tiny_model_dir, learning_rate=3.0e-3))
@@ -27,8 +29,10 @@ def test_concurrent_runs_are_serialised_and_leave_a_consistent_workspace(tmp_pat
         **os.environ,
         "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow.db",
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        # the session's server: the lock is llmpipe's own, whichever server runs the flows (a
+        # temporary server per run costs ~20 s each and is covered by test_signals)
+        "PREFECT_API_URL": prefect_server,
     }
-    env.pop("PREFECT_API_URL", None)
     runs = [
         subprocess.Popen(
             [LLMPIPE, "run", "--no-serve-check"],
