@@ -9,7 +9,9 @@ auto`). With several visible GPUs the Trainer wraps the model in DataParallel; n
 `torchrun` (DDP) yet. Checkpoints go to <checkpoints>/train-<fingerprint>/, outside DVC's outs (DVC
 deletes outs before a stage runs), so a retried or interrupted run with the same inputs resumes from
 the last one; they are deleted once the model is saved. Inside a flow (MLFLOW_RUN_ID set) the loss
-curve is logged to the flow's MLflow run by the Trainer's own MLflow callback.
+curve is logged to the flow's MLflow run by the Trainer's own MLflow callback. The Trainer is
+transformers' own with one change: its loss runs the vocabulary projection only at positions that
+carry a label, a chunk at a time (steps/supervised_loss.py), the stock loss to float rounding.
 
 `train.method` picks what trains: every weight (full), LoRA adapters (lora) or LoRA adapters on a
 4-bit base (qlora, CUDA only), through steps/lora.py. The out dir always holds a plain model; with
