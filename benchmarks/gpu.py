@@ -231,6 +231,7 @@ def part_chat(args, model_dir: Path, work: Path) -> dict:
             "method": method,
             "max_steps": steps,
             "batch_size": args.batch_size,
+            "gradient_accumulation_steps": 1,
             "learning_rate": 1e-3 if method != "full" else 3e-4,
             "save_steps": 10**6,
             "warmup_ratio": 0.1,
@@ -371,6 +372,7 @@ def part_mfu(args, model_dir: Path, work: Path) -> dict:
             continue
         if kind == "train":
             params = {"max_steps": steps + WARMUP, "batch_size": batch, "save_steps": 10**6}
+            params["gradient_accumulation_steps"] = 1  # `batch` blocks in one pass per step
             spec = {"params": params, "model": str(model_dir), "data": str(data)}
         else:
             spec = {"model": str(model_dir), "block": block, "batch": batch, "steps": steps}

@@ -1,7 +1,8 @@
 """Chat training: llmpipe's packed blocks against a stock padding Trainer, and LoRA against full.
 
     python benchmarks/train.py [--quick] [--model DIR] [--conversations N] [--heldout N]
-                               [--turns MIN-MAX] [--block-size N] [--batch-size N] [--epochs N]
+                               [--turns MIN-MAX] [--block-size N] [--batch-size N]
+                               [--micro-batch N] [--epochs N]
 
 Data: `--conversations` training and `--heldout` held-out conversations built (seed 0) from the
 embedded chat data (steps/qa_corpus.py), each on the side of steps.prepare's split_of() hash that
@@ -18,15 +19,18 @@ Three arms, each in its own process:
 - llmpipe (packed): steps.prepare.write_chat_splits packs the conversations into blocks of
   `--block-size` tokens (each conversation isolated by its position ids), and the Trainer is set up
   as steps.train sets it up (trainable_model, training_arguments, collator) with TrainParams'
-  defaults (lr 3e-4, cosine, 10% warm-up, seed 42); `--batch-size` blocks per optimizer step.
+  defaults (lr 3e-4, cosine, 10% warm-up, seed 42); `--batch-size` blocks per optimizer step,
+  fed `--micro-batch` blocks at a time (default: train.batch_size, 1) with gradient accumulation
+  making up the rest (the losses are the same for any split of a step, to float rounding).
 - baseline (padded): a stock transformers Trainer with DataCollatorForSeq2Seq(tokenizer,
   label_pad_token_id=-100) on the same rendered conversations, one per row, each batch padded on
   the right to its longest; the same hyper-parameters, written out as a user writes them.
 - lora: the llmpipe arm with train.method: lora (steps.lora.wrap, default rank 16, all-linear).
 How examples, batches and steps correspond: a pass is every selected conversation once, on both
-sides. llmpipe takes S = ceil(blocks / batch) steps per pass; the baseline takes batches of
-ceil(conversations / S) conversations, which makes S steps per pass (rounding can make it fewer
-when the conversations are few; both counts are printed), so both see the same conversations and
+sides. llmpipe takes S = ceil(blocks / batch) steps per pass, each of A = batch / micro-batch
+micro-batches; the baseline accumulates A micro-batches of ceil(conversations / (S x A))
+conversations per step, which makes S steps per pass (rounding can make it fewer; both counts
+are printed), so both see the same conversations and
 about the same tokens per step, over the same number of steps and the same learning-rate schedule
 (--epochs passes each; a pass is one run through the Trainer's shuffled sampler, seed 42). The
 lora arm trains on llmpipe's blocks for exactly llmpipe's steps.
@@ -76,8 +80,8 @@ GOALS = {
 # the held-out loss to show whether the two layouts learn alike. (A random 4-layer model of
 # SmolLM2's shape, tried first, put LoRA at 1.30x full speed where SmolLM2 itself was at 0.91x, both
 # with lora_dropout 0.05: its 28 adapted layers against SmolLM2's 210, beside the same
-# 49k-vocabulary head, weigh differently. With dropout 0, the default since, SmolLM2's LoRA runs at
-# 1.32x in the full run, the figure the README quotes.)
+# 49k-vocabulary head, weigh differently. The README quotes the full run's figures, and how the
+# micro-batch moves them.)
 QUICK_CHECKS = (
     "supervised_tokens_per_s_packed_vs_padded",
     "lora_vs_full_tokens_per_s",
@@ -175,9 +179,10 @@ def steps_per_pass(rows: int, batch_size: int) -> int:
     return math.ceil(rows / batch_size)
 
 
-def baseline_batch_size(conversations: int, steps: int) -> int:
-    """Conversations per baseline step, so that a pass of the baseline takes `steps` steps."""
-    return math.ceil(conversations / steps)
+def baseline_batch_size(conversations: int, steps: int, accumulation: int = 1) -> int:
+    """Conversations per baseline micro-batch, so that a pass of the baseline takes `steps` steps
+    of `accumulation` micro-batches each."""
+    return math.ceil(conversations / (steps * accumulation))
 
 
 class CountingCollator:
@@ -208,7 +213,10 @@ def llmpipe_trainer(spec: dict, method: str):
     from steps.train import collator, make_trainer, trainable_model, training_arguments
 
     params = TrainParams(
-        max_steps=spec["steps"] * spec["epochs"], batch_size=spec["batch_size"], method=method
+        max_steps=spec["steps"] * spec["epochs"],
+        batch_size=spec["micro_batch"],
+        gradient_accumulation_steps=spec["accumulation"],
+        method=method,
     )
     blocks = load_from_disk(str(Path(spec["work"]) / "prepared" / "train"))
     model = trainable_model(params, Path(spec["model"]))
@@ -244,6 +252,7 @@ def padded_trainer(spec: dict):
         max_steps=steps,
         learning_rate=p.learning_rate,
         per_device_train_batch_size=spec["baseline_batch_size"],
+        gradient_accumulation_steps=spec["accumulation"],
         warmup_steps=p.warmup_ratio,
         weight_decay=p.weight_decay,
         lr_scheduler_type=p.lr_scheduler,
@@ -370,17 +379,20 @@ def prepare_run(args: argparse.Namespace, work: Path) -> tuple[dict, dict]:
     train, heldout = select_conversations(args.conversations, args.heldout, args.turns)
     card = write_data(train, heldout, tokenizer, args.block_size, work)
     steps = steps_per_pass(card["blocks"], args.batch_size)
-    baseline_batch = baseline_batch_size(len(train), steps)
+    accumulation = args.batch_size // args.micro_batch
+    baseline_batch = baseline_batch_size(len(train), steps, accumulation)
     spec = {
         "model": str(model_dir),
         "layers": json.loads((model_dir / "config.json").read_text())["num_hidden_layers"],
         "work": str(work),
         "block_size": args.block_size,
         "batch_size": args.batch_size,
+        "micro_batch": args.micro_batch,
+        "accumulation": accumulation,
         "epochs": args.epochs,
         "steps": steps,
         "baseline_batch_size": baseline_batch,
-        "baseline_steps": steps_per_pass(len(train), baseline_batch),
+        "baseline_steps": steps_per_pass(len(train), baseline_batch * accumulation),
         "threads": max(1, os.cpu_count() or 1),  # every core, as steps.train's main() sets it
     }
     return spec, card
@@ -442,8 +454,10 @@ def report(args: argparse.Namespace, spec: dict, card: dict, results: dict) -> d
     )
     print(
         f"llmpipe: {card['blocks']} blocks of {args.block_size} "
-        f"(packing {card['packing_efficiency']:.1%}), {args.batch_size} blocks/step -> "
-        f"{packed['steps']} steps; baseline: {spec['baseline_batch_size']} conversations/step "
+        f"(packing {card['packing_efficiency']:.1%}), {args.batch_size} blocks/step "
+        f"({spec['accumulation']} micro-batches of {args.micro_batch}) -> {packed['steps']} "
+        f"steps; baseline: {spec['accumulation']} micro-batches of "
+        f"{spec['baseline_batch_size']} conversations/step "
         f"-> {padded['steps']} steps"
     )
     arms = (("baseline padded", padded), ("llmpipe packed", packed), ("llmpipe lora", lora))
@@ -485,7 +499,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--heldout", type=int, help="held-out conversations (96, quick 24)")
     parser.add_argument("--turns", default="1", help="QA turns per conversation: K or MIN-MAX")
     parser.add_argument("--block-size", type=int, default=256, help="llmpipe's prepare default")
-    parser.add_argument("--batch-size", type=int, default=8, help="llmpipe blocks per step")
+    parser.add_argument("--batch-size", type=int, default=8, help="blocks per optimizer step")
+    parser.add_argument(
+        "--micro-batch", type=int, help="blocks per forward pass (default: train.batch_size)"
+    )
     parser.add_argument("--epochs", type=int, default=1, help="passes over the conversations")
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # a child process
     parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
@@ -500,8 +517,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--turns {args.turns!r}: give K or MIN-MAX, e.g. 1-4")
     if not 1 <= args.turns[0] <= args.turns[1]:
         parser.error(f"--turns {low}-{high or low}: need 1 <= MIN <= MAX")
-    if min(args.conversations, args.heldout, args.batch_size, args.epochs) < 1:
-        parser.error("--conversations, --heldout, --batch-size and --epochs must be >= 1")
+    if args.micro_batch is None:
+        from steps.params import TrainParams
+
+        args.micro_batch = TrainParams().batch_size
+    if min(args.conversations, args.heldout, args.batch_size, args.micro_batch, args.epochs) < 1:
+        parser.error(
+            "--conversations, --heldout, --batch-size, --micro-batch and --epochs must be >= 1"
+        )
+    if args.batch_size % args.micro_batch:
+        parser.error(f"--batch-size {args.batch_size} is not a multiple of --micro-batch")
     return args
 
 

@@ -58,6 +58,7 @@ def run(precision: str, args, base: Path, data: Path, work: Path) -> float:
     params = TrainParams(
         max_steps=args.steps,
         batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
         learning_rate=1e-4,
         warmup_ratio=0.0,
         save_steps=10**6,

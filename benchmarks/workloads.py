@@ -162,14 +162,14 @@ def prepared_docs(root: Path, model_dir: Path, docs: list[str], block_size: int 
 
 
 def crash_trainer_at(monkeypatch, step: int) -> None:
-    """Make transformers' Trainer raise RuntimeError('simulated kill') on its `step`-th step."""
+    """Make transformers' Trainer raise RuntimeError('simulated kill') on its `step`-th optimizer
+    step (its first micro-batch, whatever the gradient accumulation)."""
     from transformers import Trainer
 
-    real_step, calls = Trainer.training_step, {"n": 0}
+    real_step = Trainer.training_step
 
     def crashing_step(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == step:
+        if self.state.global_step + 1 == step:
             raise RuntimeError("simulated kill")
         return real_step(self, *args, **kwargs)
 

@@ -75,8 +75,8 @@ class PrepareParams(_Section):
 class TrainParams(_Section):
     max_steps: int = Field(40, ge=1, description="optimizer steps")
     learning_rate: float = Field(3e-4, gt=0, le=1, description="peak learning rate")
-    batch_size: int = Field(8, ge=1, description="sequences per device per micro-batch")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per step")
+    batch_size: int = Field(2, ge=1, description="sequences per device per micro-batch")
+    gradient_accumulation_steps: int = Field(4, ge=1, description="micro-batches per step")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="share of steps of linear warm-up")
     weight_decay: float = Field(0.0, ge=0, lt=1, description="AdamW weight decay")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"

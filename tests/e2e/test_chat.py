@@ -37,6 +37,7 @@ def test_chat_lora_lowers_response_perplexity_and_answers_chat(
                 "method": "lora",
                 "max_steps": 6,
                 "batch_size": 4,
+                "gradient_accumulation_steps": 1,
                 "save_steps": 3,
                 "learning_rate": 1.0e-3,
             },

@@ -25,7 +25,12 @@ def test_default_pipeline_lowers_heldout_perplexity(tmp_path, monkeypatch, prefe
     project = make_project(
         tmp_path / "project",
         {
-            "train": {"max_steps": 8, "batch_size": 4, "save_steps": 100},
+            "train": {
+                "max_steps": 8,
+                "batch_size": 4,
+                "gradient_accumulation_steps": 1,
+                "save_steps": 100,
+            },
             "evaluate": {"samples": 1, "sample_tokens": 16},
             "serve": {"smoke_requests": 1},
         },

@@ -27,7 +27,13 @@ def test_auto_precision_trains_in_bf16_and_saves_fp32(tmp_path, monkeypatch, tin
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     prepare(PrepareParams(block_size=32), tmp_path / "docs.jsonl", tokenizer, tmp_path / "prepared")
-    params = TrainParams(max_steps=30, learning_rate=3e-3, batch_size=8, warmup_ratio=0.0)
+    params = TrainParams(
+        max_steps=30,
+        learning_rate=3e-3,
+        batch_size=8,
+        gradient_accumulation_steps=1,
+        warmup_ratio=0.0,
+    )
     assert use_bf16("auto") == torch.cuda.is_bf16_supported()
     assert training_arguments(params, tmp_path / "ckpt").bf16 == torch.cuda.is_bf16_supported()
     outs = (tmp_path / "tuned", tmp_path / "train.json", tmp_path / "loss.csv", tmp_path / "ckpt")

@@ -36,7 +36,13 @@ def run(method: str, tmp_path, prepared, tiny_model_dir) -> dict:
     from steps.train import train
 
     params = TrainParams(
-        method=method, max_steps=30, learning_rate=1e-2, batch_size=8, warmup_ratio=0.0, lora_r=8
+        method=method,
+        max_steps=30,
+        learning_rate=1e-2,
+        batch_size=8,
+        gradient_accumulation_steps=1,
+        warmup_ratio=0.0,
+        lora_r=8,
     )
     outs = (tmp_path / "tuned", tmp_path / "train.json", tmp_path / "loss.csv", tmp_path / "ckpt")
     return train(params, tiny_model_dir, prepared, *outs)

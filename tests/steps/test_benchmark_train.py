@@ -126,16 +126,18 @@ def test_each_arm_trains_the_same_supervised_tokens(prepared, tiny_chat_model_di
 
     _, work, card = prepared
     steps = bench.steps_per_pass(card["blocks"], 2)
-    batch = bench.baseline_batch_size(card["records"], steps)
+    batch = bench.baseline_batch_size(card["records"], steps, accumulation=2)
     spec = {
         "model": str(tiny_chat_model_dir),
         "work": str(work),
         "block_size": 96,
-        "batch_size": 2,
+        "batch_size": 2,  # blocks per step: 2 micro-batches of 1, accumulated, on every arm
+        "micro_batch": 1,
+        "accumulation": 2,
         "epochs": 1,
         "steps": steps,
         "baseline_batch_size": batch,
-        "baseline_steps": bench.steps_per_pass(card["records"], batch),
+        "baseline_steps": bench.steps_per_pass(card["records"], batch * 2),
         "threads": 1,  # tiny matrices: more threads only wait on each other
     }
     threads = torch.get_num_threads()
@@ -174,8 +176,8 @@ def test_final_loss_ratio_fails_a_difference_either_way():
 
 def test_checks_line_has_the_convention_shape(capsys):
     args = argparse.Namespace(quick=False, heldout=3, epochs=1, block_size=96, batch_size=2)
-    args.turns = (1, 4)
-    spec = {"model": "m", "layers": 2, "baseline_batch_size": 4}
+    args.turns, args.micro_batch = (1, 4), 1
+    spec = {"model": "m", "layers": 2, "baseline_batch_size": 4, "accumulation": 2}
     card = {"records": 13, "tokens": 1500, "supervised_tokens": 1000, "blocks": 20}
     card["truncated"] = 1
     card["packing_efficiency"] = 0.78

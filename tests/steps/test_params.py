@@ -190,7 +190,7 @@ def test_apply_overrides_writes_values_and_keeps_comments(params_copy):
     assert first.startswith("# ")
     assert after.splitlines()[0] == first
     seed_line = next(line for line in before.splitlines() if line.strip().startswith("seed:"))
-    batch_line = next(line for line in before.splitlines() if "batch_size: 8" in line)
+    batch_line = next(line for line in before.splitlines() if "batch_size: 2" in line)
     assert seed_line in after.splitlines()
     assert batch_line in after.splitlines()
     assert "# optimizer steps" in next(line for line in after.splitlines() if "max_steps:" in line)

@@ -74,8 +74,9 @@ def test_train_end_to_end(tmp_path, monkeypatch, tiny_model_dir, tiny_model):
     prep = PrepareParams(block_size=32, test_fraction=0.2, validation_fraction=0.1)
     prepare(prep, corpus, base_tok, data_dir)
     params = TrainParams(
-        max_steps=30, learning_rate=3e-3, batch_size=4, save_steps=10, warmup_ratio=0.0
-    )
+        max_steps=30, learning_rate=3e-3, batch_size=2, gradient_accumulation_steps=2,
+        save_steps=10, warmup_ratio=0.0,
+    )  # fmt: skip
     fingerprint = run_fingerprint(params, data_dir, tiny_model_dir)
 
     metrics = train(params, tiny_model_dir, data_dir, *outputs(tmp_path))
@@ -87,7 +88,7 @@ def test_train_end_to_end(tmp_path, monkeypatch, tiny_model_dir, tiny_model):
     assert not list((tmp_path / "metrics").glob(".*"))  # no temporary files left behind
     assert on_disk == pytest.approx(metrics)
     assert on_disk["steps"] == 30
-    assert on_disk["tokens_seen"] == 30 * 4 * 32
+    assert on_disk["tokens_seen"] == 30 * 2 * 2 * 32  # steps x micro-batch x micro-batches x block
     assert "eval_loss" in on_disk
     assert len(load_from_disk(str(data_dir / "validation"))) > 0
 
