@@ -127,11 +127,14 @@ def supervised_trainer_class():
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             backbone, head = parts
             features = {k: v for k, v in inputs.items() if k != "labels"}
-            hidden = backbone(**features).last_hidden_state
             labels = inputs["labels"]
             if num_items_in_batch is None:
                 num_items_in_batch = (labels[:, 1:] != IGNORE).sum()
-            loss = nll_sum(hidden, head, labels) / num_items_in_batch
+            # The Trainer's mixed precision wraps the model's own forward; the backbone and head
+            # called here bypass it, so they enter the same autocast themselves (bf16 or none)
+            with self.accelerator.autocast():
+                hidden = backbone(**features).last_hidden_state
+                loss = nll_sum(hidden, head, labels) / num_items_in_batch
             return (loss, {"loss": loss}) if return_outputs else loss
 
     return SupervisedTokensTrainer

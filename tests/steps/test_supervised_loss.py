@@ -117,11 +117,19 @@ def test_a_lora_model_trains_the_same_adapter_gradients(chat_model):
         assert torch.allclose(ours[name], g, atol=1e-6), name
 
 
-def train_losses(trainer_class, model_dir, dataset, collate, tmp_path, accumulation=1):
+def train_losses(
+    trainer_class, model_dir, dataset, collate, tmp_path, accumulation=1, bf16=False, seen=None
+):
+    """Per-step losses of 4 steps; `seen` collects the dtypes of one MLP projection's outputs."""
     from transformers import AutoModelForCausalLM, TrainingArguments
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    if seen is not None:
+        proj = model.model.layers[0].mlp.down_proj
+        proj.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
     args = TrainingArguments(
+        bf16=bf16,
+        use_cpu=bf16 and not torch.cuda.is_available(),
         output_dir=str(tmp_path / trainer_class.__name__),
         max_steps=4,
         per_device_train_batch_size=2 // accumulation,
@@ -164,6 +172,30 @@ def test_training_follows_the_stock_trainer_step_for_step(
     assert len(calls) == 4 * accumulation  # every micro-batch took the supervised-only path
     assert ours == pytest.approx(theirs, rel=1e-5)
     assert ours[-1] < ours[0]  # it learns
+
+
+def test_under_bf16_the_backbone_runs_in_the_trainers_autocast(tiny_chat_model_dir, tmp_path):
+    """The loss calls the backbone itself, outside the forward the Trainer wraps in autocast: it
+    must enter the same autocast, so bf16 training computes in bf16 like the stock Trainer's."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, Trainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model_dir)
+    blocks = [pack([render(t, tokenizer)], 40, 0) for t in TURNS * 3]
+    data = Dataset.from_list([{k: v[:40] for k, v in b.items() if k != "sequences"} for b in blocks])
+    runs = {}
+    for name, cls, bf16 in [
+        ("ours-bf16", sl.supervised_trainer_class(), True),
+        ("stock-bf16", Trainer, True),
+        ("ours-fp32", sl.supervised_trainer_class(), False),
+    ]:
+        seen: list = []
+        losses = train_losses(cls, tiny_chat_model_dir, data, packed_batch, tmp_path, 1, bf16, seen)
+        runs[name] = losses, set(seen)
+    assert runs["ours-bf16"][1] == runs["stock-bf16"][1] == {torch.bfloat16}
+    assert runs["ours-fp32"][1] == {torch.float32}
+    assert runs["ours-bf16"][0] != runs["ours-fp32"][0]  # different arithmetic
+    assert runs["ours-bf16"][0] == pytest.approx(runs["stock-bf16"][0], rel=2e-2)
 
 
 def test_models_whose_logits_are_not_a_plain_head_keep_the_stock_loss(chat_model):
