@@ -222,6 +222,7 @@ def llmpipe_perplexities(
         window=max_length,
         stride=max_length,
         batch_size=batch_size,
+        precision="fp32",  # the baseline's dtype: both sides compute in float32
     )
 
 

@@ -107,6 +107,7 @@ def llmpipe_rolling(
         window=lm.max_length + 1,
         stride=lm.max_length,
         batch_size=batch_size,
+        precision="fp32",  # lm_eval's HFLM scores in the model's float32
     )
     return {**result, "seconds": time.perf_counter() - start}
 

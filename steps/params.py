@@ -81,7 +81,9 @@ class TrainParams(_Section):
     weight_decay: float = Field(0.0, ge=0, lt=1, description="AdamW weight decay")
     lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto = bf16 on a CUDA device that supports it, fp32 otherwise"
+        "auto",
+        description="auto = bf16 autocast where the device multiplies bf16 natively (CUDA with "
+        "bf16, a CPU with AVX512-BF16 or AMX), fp32 otherwise (steps/precision.py)",
     )
     save_steps: int = Field(20, ge=1, description="steps between checkpoints a retry resumes from")
     seed: int = 42
@@ -117,6 +119,11 @@ class EvaluateParams(_Section):
     )
     samples: int = Field(3, ge=0, le=50, description="prompts cut from held-out documents")
     sample_tokens: int = Field(32, ge=1, le=1024, description="tokens generated per sample")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="scoring precision; auto = bf16 autocast where the device multiplies bf16 "
+        "natively, fp32 otherwise (steps/precision.py)",
+    )
 
     @model_validator(mode="after")
     def _stride_within_window(self) -> EvaluateParams:

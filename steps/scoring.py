@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from steps import precision
 from steps.errors import UserError
 from steps.params import EvaluateParams
 
@@ -47,6 +48,7 @@ def score_heldout(metric, model, tokenizer, heldout: Heldout, params: EvaluatePa
         tokenizer=tokenizer,
         window=params.window,
         batch_size=params.batch_size,
+        precision=params.precision,
     )
 
 
@@ -66,6 +68,7 @@ def perplexity(metric, model, tokenizer, texts: list[str], params: EvaluateParam
         window=params.window,
         stride=params.stride,
         batch_size=params.batch_size,
+        precision=params.precision,
     )
 
 
@@ -98,8 +101,7 @@ def measurement(
         "window": str(params.window),
         "stride": str(params.stride) if kind == "text" else "responses",
         "tokenizer_hash": tokenizer_hash(tokenizer),
-        # steps/metrics/corpus_perplexity.py scores under bf16 autocast on CUDA, fp32 elsewhere
-        "precision": "bf16-autocast" if device == "cuda" else "fp32",
+        "precision": precision.label(device, params.precision),
         "device": device,
     }
 

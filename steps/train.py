@@ -4,8 +4,8 @@
         --checkpoints checkpoints --out models/tuned --metrics metrics/train.json \
         --loss-curve metrics/train_loss.csv                          # the DVC stage `train`
 
-One process: fp32 on CPU; bf16 mixed precision on a CUDA device that supports it (`train.precision:
-auto`). With several visible GPUs the Trainer wraps the model in DataParallel; nothing launches
+One process; bf16 autocast where the device multiplies bf16 natively (a CUDA GPU that supports it,
+a CPU with AVX512-BF16 or AMX), fp32 elsewhere (`train.precision: auto`, steps/precision.py). With several visible GPUs the Trainer wraps the model in DataParallel; nothing launches
 `torchrun` (DDP) yet. Checkpoints go to <checkpoints>/train-<fingerprint>/, outside DVC's outs (DVC
 deletes outs before a stage runs), so a retried or interrupted run with the same inputs resumes from
 the last one; they are deleted once the model is saved. Inside a flow (MLFLOW_RUN_ID set) the loss
@@ -37,14 +37,14 @@ from steps.errors import UserError
 from steps.outcome import run_main
 from steps.outputs import atomic_dir, atomic_file, write_json
 from steps.params import TrainParams, load_params
+from steps.precision import Precision, bf16_autocast
 from steps.supervised_loss import supervised_trainer_class
 from steps.tracking import inside_flow_run, log_to_flow_run
 
 
-def use_bf16(precision: str) -> bool:
-    if precision == "bf16":
-        return True
-    return precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+def use_bf16(precision: Precision) -> bool:
+    """bf16 autocast for training on this machine's device (steps/precision.py)."""
+    return bf16_autocast("cuda" if torch.cuda.is_available() else "cpu", precision)
 
 
 def causal_lm_batch(features: list[dict]) -> dict[str, torch.Tensor]:
@@ -95,6 +95,7 @@ def training_arguments(params: TrainParams, output_dir: Path):
     from transformers import TrainingArguments
 
     report_to = ["mlflow"] if os.environ.get("MLFLOW_RUN_ID") else "none"
+    bf16 = use_bf16(params.precision)
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=params.max_steps,
@@ -105,7 +106,8 @@ def training_arguments(params: TrainParams, output_dir: Path):
         warmup_steps=params.warmup_ratio,  # < 1 is read as a share of max_steps
         weight_decay=params.weight_decay,
         lr_scheduler_type=params.lr_scheduler,
-        bf16=use_bf16(params.precision),
+        bf16=bf16,
+        use_cpu=bf16 and not torch.cuda.is_available(),  # the Trainer's condition for CPU bf16
         seed=params.seed,
         data_seed=params.seed,
         logging_steps=max(1, params.max_steps // 50),  # ~50 points on the loss curve

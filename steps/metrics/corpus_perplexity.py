@@ -24,6 +24,8 @@ import datasets
 import evaluate
 import torch
 
+from steps.precision import bf16_autocast
+
 _DESCRIPTION = "Corpus perplexity exp(sum NLL / predicted tokens) with a sliding window."
 _KWARGS_DESCRIPTION = """
 Args:
@@ -33,6 +35,8 @@ Args:
     tokenizer: the tokenizer (loaded from `model` when it is a path and this is None).
     window (int): tokens per forward pass. stride (int): tokens a window advances (<= window).
     batch_size (int): windows per forward pass.
+    precision (str): 'auto' (bf16 autocast where the device multiplies bf16 natively: a CUDA GPU
+        that supports it, a CPU with AVX512-BF16 or AMX; fp32 elsewhere), 'fp32' or 'bf16'.
 Returns: perplexity, ci_low, ci_high (95% bootstrap over texts), mean_perplexity, perplexities,
     nll, tokens, bytes, bits_per_byte (and its interval: bits_per_byte_ci_low/high), skipped,
     text_nlls, text_tokens.
@@ -79,14 +83,18 @@ def target_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return (torch.logsumexp(logits, -1) - picked).double()
 
 
-def window_nll(model, batch: list[list[int]], n_targets: list[int], pad_id: int) -> list[float]:
+def window_nll(
+    model, batch: list[list[int]], n_targets: list[int], pad_id: int, precision: str = "auto"
+) -> list[float]:
     """Sum of NLL over the last n_targets tokens of each (right-padded) sequence in the batch."""
     pairs = zip(batch, n_targets, strict=True)
     positions = [range(len(seq) - 1 - n, len(seq) - 1) for seq, n in pairs]
-    return positions_nll(model, batch, positions, pad_id)
+    return positions_nll(model, batch, positions, pad_id, precision)
 
 
-def positions_nll(model, batch: list[list[int]], positions, pad_id: int) -> list[float]:
+def positions_nll(
+    model, batch: list[list[int]], positions, pad_id: int, precision: str = "auto"
+) -> list[float]:
     """Sum of NLL of each (right-padded) sequence's tokens p + 1 for p in its `positions`."""
     device = next(model.parameters()).device
     width = max(len(ids) for ids in batch)
@@ -103,7 +111,8 @@ def positions_nll(model, batch: list[list[int]], positions, pad_id: int) -> list
     rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
     targets = ids[rows_t, cols_t + 1]
     parts = split_head(model)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    bf16 = bf16_autocast(device.type, precision)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
         if parts is None:
             logits = model(input_ids=ids).logits[rows_t, cols_t]
             nll = target_nll(logits, targets)
@@ -121,7 +130,9 @@ def positions_nll(model, batch: list[list[int]], positions, pad_id: int) -> list
     return sums.tolist()
 
 
-def nll_sums(model, tokenizer, jobs: list, n: int, budget: int) -> list[float]:
+def nll_sums(
+    model, tokenizer, jobs: list, n: int, budget: int, precision: str = "auto"
+) -> list[float]:
     """Each of `n` items' sum of NLL over its jobs (item index, ids, positions predicting a
     target), scored length-sorted in batches under a token budget, in inference mode."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -130,7 +141,8 @@ def nll_sums(model, tokenizer, jobs: list, n: int, budget: int) -> list[float]:
     model.eval()
     with torch.inference_mode():
         for chunk in token_budget_batches(sorted(jobs, key=lambda job: len(job[1])), budget):
-            sums = positions_nll(model, [j[1] for j in chunk], [j[2] for j in chunk], pad_id)
+            batch, where = [j[1] for j in chunk], [j[2] for j in chunk]
+            sums = positions_nll(model, batch, where, pad_id, precision)
             for (i, _, _), s in zip(chunk, sums, strict=True):
                 nll[i] += s
     model.train(was_training)
@@ -157,13 +169,16 @@ def token_budget_batches(jobs: list, budget: int) -> list[list]:
     return batches
 
 
-def score_texts(model, tokenizer, texts, window=512, stride=512, batch_size=4) -> dict:
+def score_texts(
+    model, tokenizer, texts, window=512, stride=512, batch_size=4, precision="auto"
+) -> dict:
     ids_per_text = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
     jobs = []  # (text index, window ids, positions whose next token is a target)
     for i, ids in enumerate(ids_per_text):
         for begin, end, first in plan_windows(len(ids), window, stride):
             jobs.append((i, ids[begin:end], range(first - begin - 1, end - begin - 1)))
-    nll = nll_sums(model, tokenizer, jobs, len(ids_per_text), budget=batch_size * window)
+    budget = batch_size * window
+    nll = nll_sums(model, tokenizer, jobs, len(ids_per_text), budget, precision)
     counts = [max(len(ids) - 1, 0) for ids in ids_per_text]
     if not any(counts):
         raise ValueError("no text has two or more tokens; nothing can be scored")
@@ -245,7 +260,16 @@ class CorpusPerplexity(evaluate.Metric):
             features=datasets.Features({"predictions": datasets.Value("string")}),
         )
 
-    def _compute(self, predictions, model, tokenizer=None, window=512, stride=512, batch_size=4):
+    def _compute(
+        self,
+        predictions,
+        model,
+        tokenizer=None,
+        window=512,
+        stride=512,
+        batch_size=4,
+        precision="auto",
+    ):
         if isinstance(model, str):
             cache = self.__dict__.setdefault("_loaded", {})
             if model not in cache:
@@ -254,4 +278,4 @@ class CorpusPerplexity(evaluate.Metric):
             tokenizer = tokenizer or loaded_tokenizer
         if tokenizer is None:
             raise ValueError("pass tokenizer= with a model object")
-        return score_texts(model, tokenizer, predictions, window, stride, batch_size)
+        return score_texts(model, tokenizer, predictions, window, stride, batch_size, precision)

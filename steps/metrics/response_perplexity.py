@@ -31,12 +31,15 @@ Args:
     model: a transformers causal LM object. tokenizer: its tokenizer (with a chat template).
     window (int): the most tokens of a conversation scored (the rest is cut).
     batch_size (int): full windows per forward pass (shorter conversations pack more).
+    precision (str): 'auto', 'fp32' or 'bf16', as corpus_perplexity's.
 Returns: what corpus_perplexity returns (perplexity, ci_low, ci_high, bits_per_byte, ...), with
     tokens = scored assistant tokens, bytes = their UTF-8 bytes, and truncated = conversations cut.
 """
 
 
-def score_conversations(model, tokenizer, conversations, window=512, batch_size=4) -> dict:
+def score_conversations(
+    model, tokenizer, conversations, window=512, batch_size=4, precision="auto"
+) -> dict:
     jobs = []  # (conversation index, ids, positions predicting an assistant token)
     counts, text_bytes, truncated = [], [], 0
     for i, messages in enumerate(conversations):
@@ -51,7 +54,8 @@ def score_conversations(model, tokenizer, conversations, window=512, batch_size=
             jobs.append((i, ids, where))
     if not jobs:
         raise ValueError("no conversation has an assistant token to score")
-    nll = nll_sums(model, tokenizer, jobs, len(conversations), budget=batch_size * window)
+    budget = batch_size * window
+    nll = nll_sums(model, tokenizer, jobs, len(conversations), budget, precision)
     # an end-of-turn token alone has no bytes: count one so bits per byte stay finite
     result = summarize(nll, counts, [max(b, 1) for b in text_bytes])
     result["truncated"] = truncated
@@ -68,6 +72,6 @@ class ResponsePerplexity(evaluate.Metric):
             features=datasets.Features({"predictions": datasets.Value("string")}),
         )
 
-    def _compute(self, predictions, model, tokenizer, window=512, batch_size=4):
+    def _compute(self, predictions, model, tokenizer, window=512, batch_size=4, precision="auto"):
         conversations = [json.loads(p) for p in predictions]
-        return score_conversations(model, tokenizer, conversations, window, batch_size)
+        return score_conversations(model, tokenizer, conversations, window, batch_size, precision)

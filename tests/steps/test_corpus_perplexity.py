@@ -155,21 +155,21 @@ def assert_matches(result, ref_nlls, ids, rel):
 
 def test_no_sliding_equals_float64_reference(scorer):
     model, tok, ids, window_nll = scorer
-    result = cp.score_texts(model, tok, TEXTS, window=512, stride=512, batch_size=3)
+    result = cp.score_texts(model, tok, TEXTS, window=512, stride=512, batch_size=3, precision="fp32")
     assert_matches(result, [ref_full(x, window_nll) for x in ids], ids, rel=1e-6)
 
 
 @pytest.mark.parametrize(("window", "stride"), [(16, 4), (16, 15), (7, 2), (24, 12)])
 def test_sliding_window_equals_float64_reference(scorer, window, stride):
     model, tok, ids, window_nll = scorer
-    result = cp.score_texts(model, tok, TEXTS, window=window, stride=stride, batch_size=4)
+    result = cp.score_texts(model, tok, TEXTS, window=window, stride=stride, batch_size=4, precision="fp32")
     expected = [ref_sliding(x, window_nll, window, stride) for x in ids]
     assert_matches(result, expected, ids, rel=1e-6)
 
 
 def test_stride_equal_window_equals_nonoverlapping_chunks(scorer):
     model, tok, ids, window_nll = scorer
-    result = cp.score_texts(model, tok, TEXTS, window=12, stride=12, batch_size=4)
+    result = cp.score_texts(model, tok, TEXTS, window=12, stride=12, batch_size=4, precision="fp32")
     assert_matches(result, [ref_chunks(x, window_nll, 12) for x in ids], ids, rel=1e-6)
 
 
@@ -211,7 +211,7 @@ def test_too_short_texts_are_skipped(scorer):
     model, tok, ids, window_nll = scorer
     texts = ["", TEXTS[0], "x", TEXTS[1]]
     assert [len(x) for x in tok(texts, add_special_tokens=False)["input_ids"]][::2] == [0, 1]
-    result = cp.score_texts(model, tok, texts, window=512, stride=512)
+    result = cp.score_texts(model, tok, texts, window=512, stride=512, precision="fp32")
     assert result["skipped"] == [0, 2]
     assert result["perplexities"][0] is None
     assert result["perplexities"][2] is None
@@ -221,6 +221,20 @@ def test_too_short_texts_are_skipped(scorer):
     assert result["bytes"] == len(TEXTS[0].encode()) + len(TEXTS[1].encode())
     assert result["perplexity"] == pytest.approx(math.exp(sum(nlls) / sum(counts)), rel=1e-6)
     assert result["perplexities"][1] == pytest.approx(math.exp(nlls[0] / counts[0]), rel=1e-6)
+
+
+def test_bf16_autocast_scores_within_half_a_percent_of_fp32(tiny_model):
+    """precision='bf16' scores under bf16 autocast (different rounding, so not equal) and stays
+    within 0.5% of float32; 'auto' is one of the two, as steps/precision.py decides."""
+    from steps.precision import bf16_autocast
+
+    model, tok = tiny_model
+    fp32 = cp.score_texts(model, tok, TEXTS, window=16, stride=8, precision="fp32")
+    bf16 = cp.score_texts(model, tok, TEXTS, window=16, stride=8, precision="bf16")
+    auto = cp.score_texts(model, tok, TEXTS, window=16, stride=8)
+    assert bf16["nll"] != fp32["nll"]
+    assert bf16["perplexity"] == pytest.approx(fp32["perplexity"], rel=5e-3)
+    assert auto["nll"] == (bf16 if bf16_autocast("cpu") else fp32)["nll"]
 
 
 def test_all_too_short_raises(tiny_model):
