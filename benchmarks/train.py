@@ -24,7 +24,9 @@ Three arms, each in its own process:
   making up the rest (the losses are the same for any split of a step, to float rounding).
 - baseline (padded): a stock transformers Trainer with DataCollatorForSeq2Seq(tokenizer,
   label_pad_token_id=-100) on the same rendered conversations, one per row, each batch padded on
-  the right to its longest; the same hyper-parameters, written out as a user writes them.
+  the right to its longest; the same hyper-parameters and precision (bf16 autocast where
+  steps.train's `auto` chooses it: `bf16=True`, with `use_cpu=True` on a CPU), written out as a
+  user writes them.
 - lora: the llmpipe arm with train.method: lora (steps.lora.wrap, default rank 16, all-linear).
 How examples, batches and steps correspond: a pass is every selected conversation once, on both
 sides. llmpipe takes S = ceil(blocks / batch) steps per pass, each of A = batch / micro-batch
@@ -241,8 +243,10 @@ def padded_trainer(spec: dict):
     )
 
     from steps.params import TrainParams
+    from steps.train import use_bf16
 
     p = TrainParams()  # llmpipe's defaults, the hyper-parameters of the other arms
+    bf16 = use_bf16(p.precision)
     steps = spec["baseline_steps"] * spec["epochs"]
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     tokenizer.padding_side = "right"  # positions from 0 in every row, as in the packed blocks
@@ -256,7 +260,9 @@ def padded_trainer(spec: dict):
         warmup_steps=p.warmup_ratio,
         weight_decay=p.weight_decay,
         lr_scheduler_type=p.lr_scheduler,
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        # the precision llmpipe's arms train in (steps.train's use_bf16 of the default `auto`)
+        bf16=bf16,
+        use_cpu=bf16 and not torch.cuda.is_available(),  # the Trainer's condition for CPU bf16
         seed=p.seed,
         data_seed=p.seed,
         logging_steps=max(1, steps // 50),
@@ -442,9 +448,15 @@ def report(args: argparse.Namespace, spec: dict, card: dict, results: dict) -> d
     ratios, listed = checks(results, args.quick)
     padded, packed, lora = results["padded"], results["packed"], results["lora"]
     gib = 2**30
+    import torch
+
+    from steps.precision import label
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     print(
         f"model: {spec['model']} ({spec['layers']} layers); {packed['threads']} torch "
-        f"threads; model loading outside every timer"
+        f"threads; every arm in {label(device)} (train.precision auto) on {device}; model "
+        f"loading outside every timer"
     )
     print(
         f"data: {card['records']} training conversations of {args.turns[0]}-{args.turns[1]} "

@@ -5,8 +5,9 @@
         --loss-curve metrics/train_loss.csv                          # the DVC stage `train`
 
 One process; bf16 autocast where the device multiplies bf16 natively (a CUDA GPU that supports it,
-a CPU with AVX512-BF16 or AMX), fp32 elsewhere (`train.precision: auto`, steps/precision.py). With several visible GPUs the Trainer wraps the model in DataParallel; nothing launches
-`torchrun` (DDP) yet. Checkpoints go to <checkpoints>/train-<fingerprint>/, outside DVC's outs (DVC
+a CPU with AVX512-BF16 or AMX), fp32 elsewhere (`train.precision: auto`, steps/precision.py).
+With several visible GPUs the Trainer wraps the model in DataParallel; nothing launches `torchrun`
+(DDP) yet. Checkpoints go to <checkpoints>/train-<fingerprint>/, outside DVC's outs (DVC
 deletes outs before a stage runs), so a retried or interrupted run with the same inputs resumes from
 the last one; they are deleted once the model is saved. Inside a flow (MLFLOW_RUN_ID set) the loss
 curve is logged to the flow's MLflow run by the Trainer's own MLflow callback. The Trainer is

@@ -296,9 +296,10 @@ COMMANDS: dict[str, Row] = {
     "python -m steps.stages --write": Run(("wrote",), after=ACTIVATE, check=dvc_yaml_unchanged),
     "dvc repro base_model": Run(("'base_model' didn't change",), after=ACTIVATE),
     ".venv/bin/python benchmarks/evaluate.py --quick": Run(('{"benchmark": "evaluate"',)),
-    ".venv/bin/python benchmarks/train_throughput.py --quick": Run(
-        ('{"benchmark": "train_throughput"',),
-        slow="trains a 42M-parameter model twice (~1-1.5 min on 2 busy cores)",
+    ".venv/bin/python benchmarks/precision.py --quick": Run(
+        ('{"benchmark": "precision"',),
+        timeout=1200,
+        slow="trains SmolLM2-135M twice and scores it twice (~4-5 min on 2 idle cores)",
     ),
     ".venv/bin/python benchmarks/train.py --quick": Run(
         ('{"benchmark": "train"',),
