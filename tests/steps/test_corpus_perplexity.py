@@ -155,14 +155,18 @@ def assert_matches(result, ref_nlls, ids, rel):
 
 def test_no_sliding_equals_float64_reference(scorer):
     model, tok, ids, window_nll = scorer
-    result = cp.score_texts(model, tok, TEXTS, window=512, stride=512, batch_size=3, precision="fp32")
+    result = cp.score_texts(
+        model, tok, TEXTS, window=512, stride=512, batch_size=3, precision="fp32"
+    )
     assert_matches(result, [ref_full(x, window_nll) for x in ids], ids, rel=1e-6)
 
 
 @pytest.mark.parametrize(("window", "stride"), [(16, 4), (16, 15), (7, 2), (24, 12)])
 def test_sliding_window_equals_float64_reference(scorer, window, stride):
     model, tok, ids, window_nll = scorer
-    result = cp.score_texts(model, tok, TEXTS, window=window, stride=stride, batch_size=4, precision="fp32")
+    result = cp.score_texts(
+        model, tok, TEXTS, window=window, stride=stride, batch_size=4, precision="fp32"
+    )
     expected = [ref_sliding(x, window_nll, window, stride) for x in ids]
     assert_matches(result, expected, ids, rel=1e-6)
 

@@ -182,7 +182,9 @@ def test_under_bf16_the_backbone_runs_in_the_trainers_autocast(tiny_chat_model_d
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model_dir)
     blocks = [pack([render(t, tokenizer)], 40, 0) for t in TURNS * 3]
-    data = Dataset.from_list([{k: v[:40] for k, v in b.items() if k != "sequences"} for b in blocks])
+    data = Dataset.from_list(
+        [{k: v[:40] for k, v in b.items() if k != "sequences"} for b in blocks]
+    )
     runs = {}
     for name, cls, bf16 in [
         ("ours-bf16", sl.supervised_trainer_class(), True),
