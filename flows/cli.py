@@ -159,7 +159,12 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     if stride > args.window:
         raise UserError(f"--stride ({stride}) must not exceed --window ({args.window})")
     try:
-        params = EvaluateParams(window=args.window, stride=stride, batch_size=args.batch_size)
+        params = EvaluateParams(
+            window=args.window,
+            stride=stride,
+            batch_size=args.batch_size,
+            precision=args.precision,
+        )
     except ValidationError as err:
         first = err.errors()[0]
         raise UserError(f"--{first['loc'][0].replace('_', '-')}: {first['msg']}") from None
@@ -176,6 +181,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         "skipped",
     ]
     out = {k: result[k] for k in keys}
+    out["precision"] = result["precision"]
     if args.per_text:
         out["perplexities"] = result["perplexities"]
         out["mean_perplexity"] = result["mean_perplexity"]
@@ -184,7 +190,8 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         return 0
     print(
         f"perplexity {out['perplexity']:.4f} (95% CI {out['ci_low']:.4f}-{out['ci_high']:.4f}) "
-        f"on {out['texts']} texts, {out['tokens']} tokens; {out['bits_per_byte']:.4f} bits/byte"
+        f"on {out['texts']} texts, {out['tokens']} tokens; {out['bits_per_byte']:.4f} bits/byte "
+        f"({out['precision']})"
     )
     if args.per_text:
         for i, ppl in enumerate(out["perplexities"]):
@@ -329,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
     ppl.add_argument("--stride", type=int, help="tokens a window advances (default: window)")
     ppl.add_argument("--batch-size", type=int, default=4, help="windows per forward pass")
+    ppl.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="auto: bf16 autocast where the device has native bf16, else fp32 (default auto)",
+    )
     ppl.add_argument("--per-text", action="store_true", help="also each text's perplexity")
     ppl.add_argument("--json", action="store_true", help="print one JSON object")
     ppl.set_defaults(func=cmd_perplexity)

@@ -1,6 +1,7 @@
 """`llmpipe perplexity`: score any model directory or models:/ URI on any .txt or .jsonl file.
 
     llmpipe perplexity --model models/base --input notes.txt [--window 512 --stride 256] [--json]
+                       [--precision auto|fp32|bf16]
 
 The same scoring as the evaluate stage (steps/scoring.py), on the user's own file.
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 
 from steps.errors import UserError
 from steps.params import EvaluateParams
+from steps.precision import label
 from steps.records import read_texts
 from steps.scoring import load_metric, load_model, perplexity
 
@@ -31,8 +33,12 @@ def score_file(
         from steps.tracking import tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri(project))
+    loaded, tokenizer = load_model(model)
     try:
-        result = perplexity(load_metric(), *load_model(model), texts, params)
+        result = perplexity(load_metric(), loaded, tokenizer, texts, params)
     except ValueError as err:  # e.g. every text shorter than two tokens
         raise UserError(f"{input_file}: {err}") from None
-    return {"model": model, "input": str(input_file), "texts": len(texts), **result}
+    computed = label(next(loaded.parameters()).device.type, params.precision)
+    return {"model": model, "input": str(input_file), "texts": len(texts), **result} | {
+        "precision": computed
+    }

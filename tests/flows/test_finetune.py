@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from steps.precision import label
 from steps.stages import STAGE, command, dvc_stages, interpolate
 
 pytestmark = pytest.mark.integration
@@ -343,6 +344,16 @@ def test_perplexity_cli_scores_the_champion_uri_like_the_pipeline(golden, tmp_pa
     )
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["precision"] == label("cpu")  # auto, as the evaluate stage scored it
+    forced = subprocess.run(
+        [BIN / "llmpipe", "perplexity", "--model", "models:/llmpipe@champion", "--input",
+         heldout, "--window", "64", "--stride", "32", "--json", "--precision", "fp32"],
+        cwd=project, text=True, capture_output=True,
+    )  # fmt: skip
+    assert forced.returncode == 0, forced.stderr[-2000:]
+    fp32 = json.loads(forced.stdout.strip().splitlines()[-1])
+    assert fp32["precision"] == "fp32"
+    assert fp32["perplexity"] == pytest.approx(out["perplexity"], rel=5e-3)
     from mlflow import MlflowClient
 
     champion = MlflowClient(mlflow_uri).get_model_version_by_alias("llmpipe", "champion")
