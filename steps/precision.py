@@ -39,6 +39,12 @@ def bf16_autocast(device_type: str, precision: Precision = "auto") -> bool:
     return device_type == "cpu" and cpu_has_native_bf16()
 
 
+def training_bf16(precision: Precision = "auto") -> bool:
+    """Whether training on this machine's device (CUDA when visible, else CPU) runs under bf16
+    autocast."""
+    return bf16_autocast("cuda" if torch.cuda.is_available() else "cpu", precision)
+
+
 def label(device_type: str, precision: Precision = "auto") -> str:
     """How a score was computed, as the registry records it ('bf16-autocast' or 'fp32')."""
     return "bf16-autocast" if bf16_autocast(device_type, precision) else "fp32"

@@ -38,14 +38,14 @@ from steps.errors import UserError
 from steps.outcome import run_main
 from steps.outputs import atomic_dir, atomic_file, write_json
 from steps.params import TrainParams, load_params
-from steps.precision import Precision, bf16_autocast
+from steps.precision import Precision, training_bf16
 from steps.supervised_loss import supervised_trainer_class
 from steps.tracking import inside_flow_run, log_to_flow_run
 
 
 def use_bf16(precision: Precision) -> bool:
     """bf16 autocast for training on this machine's device (steps/precision.py)."""
-    return bf16_autocast("cuda" if torch.cuda.is_available() else "cpu", precision)
+    return training_bf16(precision)
 
 
 def causal_lm_batch(features: list[dict]) -> dict[str, torch.Tensor]:
@@ -211,7 +211,10 @@ def trainable_model(params: TrainParams, base_dir: Path):
     """What the Trainer trains: the base itself (full) or the base wrapped with LoRA adapters."""
     if params.method == "full":
         return lora.load_base(base_dir)
-    return lora.wrap(lora.load_base(base_dir, four_bit=params.method == "qlora"), params)
+    model = lora.wrap(lora.load_base(base_dir, four_bit=params.method == "qlora"), params)
+    if params.method == "lora" and use_bf16(params.precision):
+        lora.frozen_bases_to_bf16(model)  # autocast would cast them every pass
+    return model
 
 
 def finished_model(params: TrainParams, model, checkpoint: Path):

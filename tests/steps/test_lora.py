@@ -309,3 +309,37 @@ def test_register_logs_the_adapter_as_a_run_artifact(tmp_path, clean_run, tiny_m
     assert logged == {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
     assert not log_adapter(client, run_id, tiny_model_dir)  # full fine-tuning: no adapter
     assert [a.path for a in client.list_artifacts(run_id)] == ["adapter"]
+
+
+def test_frozen_bases_in_bf16_train_the_same_under_bf16_autocast(tiny_model_dir):
+    """Casting the adapted layers' frozen weights to bf16 once computes what autocast computes
+    casting them every pass: the same loss and adapter gradients to the bit, half the memory."""
+    params = TrainParams(method="lora", lora_r=4)
+    kept, cast = (nontrivial_adapter(tiny_model_dir, params) for _ in range(2))
+    adapted = lora.frozen_bases_to_bf16(cast)
+    assert adapted == len(lora.linear_module_names(lora.load_base(tiny_model_dir))) - 1  # no head
+    embeddings = cast.get_input_embeddings().weight
+    assert embeddings.dtype == torch.float32  # read outside a product: kept
+    results = []
+    for model in (kept, cast):
+        model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    assert torch.equal(results[0][0], results[1][0])
+    assert results[0][1].keys() == results[1][1].keys()
+    assert all(torch.equal(results[0][1][k], results[1][1][k]) for k in results[0][1])
+
+
+@pytest.mark.parametrize(("precision", "bf16_bases"), [("bf16", True), ("fp32", False)])
+def test_train_keeps_frozen_bases_in_bf16_only_when_it_trains_in_bf16(
+    tiny_model_dir, precision, bf16_bases
+):
+    from steps.train import trainable_model
+
+    model = trainable_model(TrainParams(method="lora", precision=precision), tiny_model_dir)
+    dtypes = {p.dtype for n, p in model.named_parameters() if "base_layer" in n}
+    assert dtypes == ({torch.bfloat16} if bf16_bases else {torch.float32})
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
