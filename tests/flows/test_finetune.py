@@ -106,7 +106,7 @@ def test_first_run_trains_registers_promotes_and_serves(golden):
     # how it was measured, on the version; and its card as the version's description
     assert version.tags["measured_stride"] == "32" and version.tags["measured_window"] == "64"
     assert version.tags["measured_tokenizer_hash"] == metrics["measured"]["tokenizer_hash"]
-    assert version.tags["measured_precision"] == "fp32"
+    assert version.tags["measured_precision"] == label("cpu")  # auto: bf16 where native
     card = version.description
     assert f"**Held-out perplexity** {metrics['perplexity']:.3f}" in card
     assert "window 64, stride 32" in card and "**Gate**: passed: reference perplexity" in card
@@ -381,7 +381,7 @@ def test_each_run_leaves_a_report_artifact_in_prefect(first_run):
     assert len(ours) == 1, f"{len(reports)} reports, {len(ours)} of the golden run"
     assert "## Promotion" in ours[0] and "promoted to champion" in ours[0]
     assert "llmpipe version 1" in ours[0]
-    assert "Measured with window 64, stride 32, fp32 on cpu, tokenizer `" in ours[0]
+    assert f"Measured with window 64, stride 32, {label('cpu')} on cpu, tokenizer `" in ours[0]
 
 
 def test_retrain_skips_unchanged_data_then_runs_after_data_add(golden, project, prefect_server):
