@@ -504,8 +504,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run as a script, this file's folder comes first on sys.path, where `import evaluate` would
-    # find this file instead of the `evaluate` library.
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-    sys.exit(main())
+    from benchmarks.workloads import run_benchmark
+
+    run_benchmark(main)

@@ -174,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # this folder first on sys.path would shadow the `evaluate` library with benchmarks/evaluate.py
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-    sys.exit(main())
+    from benchmarks.workloads import run_benchmark
+
+    run_benchmark(main)

@@ -572,8 +572,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run as a script, this file's folder comes first on sys.path, where `import evaluate` (which
-    # the response-perplexity metric does) would find benchmarks/evaluate.py instead of the library.
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
-    sys.exit(main())
+    from benchmarks.workloads import run_benchmark
+
+    run_benchmark(main)
