@@ -10,7 +10,10 @@ packing that keeps conversations apart.
   mask, so no token attends across a conversation boundary (tests/steps/test_chat.py measures it:
   each conversation's per-token losses packed among others equal its losses alone). Position ids
   with the model's default `use_cache=True` are not enough: the cache disables the packed-sequence
-  detection and the conversations see each other (measured there too).
+  detection and the conversations see each other (measured there too). On a CPU, steps.train
+  swaps the mask for attention cut at the position restarts (steps/packed_attention.py): the
+  same numbers, without scoring every position of a block against every other (1.39x per step
+  at block 1024 holding ten 100-token conversations, ~3% at 256 holding three).
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ deletes outs before a stage runs), so a retried or interrupted run with the same
 the last one; they are deleted once the model is saved. Inside a flow (MLFLOW_RUN_ID set) the loss
 curve is logged to the flow's MLflow run by the Trainer's own MLflow callback. The Trainer is
 transformers' own with one change: its loss runs the vocabulary projection only at positions that
-carry a label, a chunk at a time (steps/supervised_loss.py), the stock loss to float rounding.
+carry a label, a chunk at a time (steps/supervised_loss.py), the stock loss to float rounding;
+and on a CPU, packed chat blocks attend one conversation at a time (steps/packed_attention.py).
 
 `train.method` picks what trains: every weight (full), LoRA adapters (lora) or LoRA adapters on a
 4-bit base (qlora, CUDA only), through steps/lora.py. The out dir always holds a plain model; with
@@ -37,6 +38,7 @@ from steps.chat import packed_batch
 from steps.errors import UserError
 from steps.outcome import run_main
 from steps.outputs import atomic_dir, atomic_file, write_json
+from steps.packed_attention import use_for_packed_blocks
 from steps.params import TrainParams, load_params
 from steps.precision import Precision, training_bf16
 from steps.supervised_loss import supervised_trainer_class
@@ -126,7 +128,10 @@ def training_arguments(params: TrainParams, output_dir: Path):
 
 def make_trainer(model, args, train_set, callbacks: list | None = None, collate=None):
     """The Trainer of the train stage: transformers' own, with its loss computed over supervised
-    tokens only (steps/supervised_loss.py); `collate` defaults to collator(train_set)."""
+    tokens only (steps/supervised_loss.py); `collate` defaults to collator(train_set). On a CPU,
+    packed chat blocks attend one conversation at a time (steps/packed_attention.py)."""
+    if "position_ids" in train_set.column_names and args.device.type == "cpu":
+        use_for_packed_blocks(model)
     return supervised_trainer_class()(
         model=model,
         args=args,
