@@ -77,10 +77,14 @@ def split_head(model):
 
 
 def target_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """-log softmax(logits)[target] per row, in float32, returned as float64."""
+    """-log softmax(logits)[target] per row, in float32, returned as float64. Overwrites `logits`
+    (a chunk of the head's output, used once): the log-sum-exp is computed in place, where
+    torch.logsumexp allocates another [positions, vocab] tensor (~5% of the head's time here)."""
     logits = logits.float()
     picked = logits.gather(-1, targets[:, None]).squeeze(-1)
-    return (torch.logsumexp(logits, -1) - picked).double()
+    top = logits.amax(-1, keepdim=True)
+    lse = logits.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1)
+    return (lse - picked).double()
 
 
 def window_nll(
@@ -110,6 +114,9 @@ def positions_nll(
     # attention runs its causal kernel (is_causal) instead of a materialised [batch, 1, n, n] mask.
     rows_t, cols_t = torch.tensor(rows, device=device), torch.tensor(cols, device=device)
     targets = ids[rows_t, cols_t + 1]
+    # The last column is only ever a target (position p predicts p + 1 <= width - 1): the model
+    # runs on the others. A window of W + 1 tokens then costs a forward pass over W positions.
+    ids = ids[:, :-1]
     parts = split_head(model)
     bf16 = bf16_autocast(device.type, precision)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
