@@ -43,6 +43,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.workloads import MeasureError, verdict  # noqa: E402  (after the path)
+
 WARMUP = 5  # steps outside the timers: CUDA context, cuBLAS heuristics, allocator growth
 
 
@@ -81,10 +83,6 @@ GOALS = {
     "qlora_vs_lora_peak_memory": "<=1.0",
     "mfu_best": ">=0.35",  # issue 10 item 4 on an H100/H200
 }
-
-
-class MeasureError(Exception):
-    """A part could not measure."""
 
 
 # -- the model -----------------------------------------------------------------------------------
@@ -424,11 +422,6 @@ def environment() -> dict:
     return info
 
 
-def verdict(ratio: float, goal: str) -> str:
-    ok = ratio >= float(goal[2:]) if goal.startswith(">=") else ratio <= float(goal[2:])
-    return f"goal {goal}: {'met' if ok else 'MISSED'}"
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="model directory (weights optional)")
@@ -494,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
             status = status or int(bool(found["failed"]))
             for name, ratio in found["ratios"].items():
                 goal = GOALS.get(name)
-                print(f"{name}: {ratio:.4f} ({verdict(ratio, goal) if goal else 'printed'})")
+                note = f"goal {goal}: {verdict(ratio, goal)}" if goal else "printed"
+                print(f"{name}: {ratio:.4f} ({note})")
                 if goal:
                     checks.append({"name": name, "ratio": round(ratio, 4), "goal": goal})
     print(json.dumps({"benchmark": "gpu", "checks": checks}))

@@ -45,14 +45,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.workloads import MeasureError, verdict  # noqa: E402  (after the path)
+
 GOALS = {
     "train_tokens_per_s_vs_plain_loop": ">=0.95",
     "checkpoint_share_at_default_interval": "<=0.1",
 }
-
-
-class MeasureError(Exception):
-    """The benchmark could not measure: one line, exit status 1."""
 
 
 def save_clock(saves: list[float]):
@@ -199,11 +197,6 @@ def checkpoint_share(r: dict, steps: int, save_steps: int) -> float:
     per_step = (r["seconds"] - sum(r["saves"])) / r["steps"]
     saving = (steps // save_steps) * per_save
     return saving / (steps * per_step + saving)
-
-
-def verdict(ratio: float, goal: str) -> str:
-    ok = ratio >= float(goal[2:]) if goal.startswith(">=") else ratio <= float(goal[2:])
-    return "met" if ok else "MISSED"
 
 
 def main(argv: list[str] | None = None) -> int:

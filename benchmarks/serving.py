@@ -37,14 +37,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.workloads import MeasureError, verdict  # noqa: E402  (after the path)
+
 PROMPT = "In Python, the for statement"  # the README's curl example
 CLIENTS = (1, 4, 8)
 GOALS = {"p50_latency_served_vs_in_process": "<=1.2"}
 GOALS.update({f"errors_at_{n}_clients": "<=0" for n in CLIENTS})
-
-
-class MeasureError(Exception):
-    """The benchmark could not measure: one line, exit status 1."""
 
 
 def register(model_dir: Path, uri: str) -> str:
@@ -114,11 +112,6 @@ def under_load(url: str, clients: int, requests: int, tokens: int, expected: str
         t.join()
     seconds = time.perf_counter() - start
     return {"requests_per_s": clients * requests / seconds, "seconds": seconds, "errors": errors}
-
-
-def verdict(ratio: float, goal: str) -> str:
-    ok = ratio >= float(goal[2:]) if goal.startswith(">=") else ratio <= float(goal[2:])
-    return "met" if ok else "MISSED"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,6 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.workloads import MeasureError, verdict  # noqa: E402  (after the path)
 from steps.chat import IGNORE  # noqa: E402  (after the path is set)
 
 ARMS = ("padded", "packed", "lora")
@@ -92,10 +93,6 @@ QUICK_CHECKS = (
 
 
 BUSY = 0.85  # share of its threads' time a training process uses on idle cores: ~0.95 measured
-
-
-class MeasureError(Exception):
-    """The benchmark could not measure: reported as one line, exit status 1."""
 
 
 # data --------------------------------------------------------------------------------------------
@@ -438,11 +435,6 @@ def checks(results: dict, quick: bool) -> tuple[dict[str, float], list[dict]]:
     return ratios, listed
 
 
-def verdict(ratio: float, goal: str) -> str:
-    ok = ratio >= float(goal[2:]) if goal.startswith(">=") else ratio <= float(goal[2:])
-    return f"goal {goal}: {'met' if ok else 'MISSED'}"
-
-
 def report(args: argparse.Namespace, spec: dict, card: dict, results: dict) -> dict:
     """Print the figures; return the JSON line's object."""
     ratios, listed = checks(results, args.quick)
@@ -498,7 +490,12 @@ def report(args: argparse.Namespace, spec: dict, card: dict, results: dict) -> d
         )
     listed_names = {c["name"] for c in listed}
     for name, ratio in ratios.items():
-        note = verdict(ratio, GOALS[name]) if name in listed_names else "printed, not checked"
+        goal = GOALS[name]
+        note = (
+            f"goal {goal}: {verdict(ratio, goal)}"
+            if name in listed_names
+            else "printed, not checked"
+        )
         print(f"{name}: {ratio:.4f} ({note})")
     return {"benchmark": "train", "checks": listed}
 

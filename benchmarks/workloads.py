@@ -26,6 +26,16 @@ def run_benchmark(main) -> None:
     sys.exit(main())
 
 
+class MeasureError(Exception):
+    """A benchmark could not measure: it says so in one line and exits with status 1."""
+
+
+def verdict(ratio: float, goal: str) -> str:
+    """'met' or 'MISSED': `ratio` against a goal written '>=X' or '<=X' (ARCHITECTURE.md)."""
+    ok = ratio >= float(goal[2:]) if goal.startswith(">=") else ratio <= float(goal[2:])
+    return "met" if ok else "MISSED"
+
+
 SAMPLE_TEXT = [
     "The for statement is used to iterate over the elements of a sequence.",
     "A function definition defines a user-defined function object.",

@@ -306,6 +306,16 @@ COMMANDS: dict[str, Row] = {
         timeout=1200,
         slow="trains SmolLM2-135M three times (~5-8 min on 2 busy cores)",
     ),
+    ".venv/bin/python benchmarks/loop.py --quick": Run(
+        ('{"benchmark": "loop"',),
+        timeout=1200,
+        slow="trains SmolLM2-135M twice (~3 min on 2 idle cores)",
+    ),
+    ".venv/bin/python benchmarks/serving.py --quick": Run(
+        ('{"benchmark": "serving"',),
+        timeout=1200,
+        slow="registers and serves SmolLM2-135M, 90 completions (~3 min on 2 idle cores)",
+    ),
     ".venv/bin/python benchmarks/orchestration.py --quick": Run(
         ('{"benchmark": "orchestration"',),
         timeout=900,
