@@ -159,23 +159,14 @@ def train_child(spec: dict) -> dict:
     """One steps.train run (in its own process): its metrics, timed steps and peak memory."""
     import torch
 
+    from benchmarks.workloads import train_in
     from steps.params import TrainParams
-    from steps.train import train
 
     clock: dict = {}
     params = TrainParams(**spec["params"])
-    work = Path(spec["work"])
     reset_peak_memory()
-    metrics = train(
-        params,
-        Path(spec["model"]),
-        Path(spec["data"]),
-        work / "tuned",
-        work / "train.json",
-        work / "loss.csv",
-        work / "ckpt",
-        callbacks=[step_clock(clock)],
-    )
+    model, data = Path(spec["model"]), Path(spec["data"])
+    metrics = train_in(Path(spec["work"]), params, model, data, [step_clock(clock)])
     block = metrics["tokens_seen"] // (metrics["steps"] * params.batch_size)
     tokens = clock["timed_steps"] * params.batch_size * block
     return {

@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.workloads import MeasureError, verdict  # noqa: E402  (after the path)
+from benchmarks.workloads import MeasureError, print_checks  # noqa: E402  (after the path)
 
 GOALS = {
     "train_tokens_per_s_vs_plain_loop": ">=0.95",
@@ -68,22 +68,13 @@ def save_clock(saves: list[float]):
 
 
 def llmpipe_arm(spec: dict) -> dict:
+    from benchmarks.workloads import train_in
     from steps.params import TrainParams
-    from steps.train import train
 
-    work = Path(spec["work"])
     saves: list[float] = []
     params = TrainParams(max_steps=spec["steps"], save_steps=spec["save_steps"])
-    metrics = train(
-        params,
-        Path(spec["model"]),
-        Path(spec["data"]),
-        work / "tuned",
-        work / "train.json",
-        work / "loss.csv",
-        work / "ckpt",
-        callbacks=[save_clock(saves)],
-    )
+    model, data = Path(spec["model"]), Path(spec["data"])
+    metrics = train_in(Path(spec["work"]), params, model, data, [save_clock(saves)])
     return {
         "seconds": metrics["train_seconds"],
         "tokens": metrics["tokens_seen"],
@@ -262,10 +253,7 @@ def main(argv: list[str] | None = None) -> int:
             ours, default.max_steps, default.save_steps
         ),
     }
-    for name, value in ratios.items():
-        print(f"{name}: {value:.4f} (goal {GOALS[name]}: {verdict(value, GOALS[name])})")
-    checks = [{"name": n, "ratio": round(v, 4), "goal": GOALS[n]} for n, v in ratios.items()]
-    print(json.dumps({"benchmark": "loop", "checks": checks}))
+    print_checks("loop", ratios, GOALS)
     return 0
 
 

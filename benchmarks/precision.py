@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.workloads import MeasureError, verdict  # noqa: E402  (after the path)
+from benchmarks.workloads import MeasureError, print_checks  # noqa: E402  (after the path)
 
 GOALS = {
     "train_tokens_per_s_auto_vs_fp32": ">=1.3",
@@ -159,10 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['tokens'] / r['seconds']:.1f} tokens/s; perplexity {r['perplexity']:.5f}"
         )
     ratios = ratio_checks(train, quality, scored)
-    for name, value in ratios.items():
-        print(f"{name}: {value:.4f} (goal {GOALS[name]}: {verdict(value, GOALS[name])})")
-    checks = [{"name": n, "ratio": round(v, 4), "goal": GOALS[n]} for n, v in ratios.items()]
-    print(json.dumps({"benchmark": "precision", "checks": checks}))
+    print_checks("precision", ratios, GOALS)
     return 0
 
 

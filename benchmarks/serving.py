@@ -23,10 +23,8 @@ measurement instead of 20. Ends with one JSON line; exits 1 only when it could n
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.workloads import MeasureError, verdict  # noqa: E402  (after the path)
+from benchmarks.workloads import MeasureError, print_checks  # noqa: E402  (after the path)
 
 PROMPT = "In Python, the for statement"  # the README's curl example
 CLIENTS = (1, 4, 8)
@@ -60,20 +58,6 @@ def register(model_dir: Path, uri: str) -> str:
         os.environ.pop("MLFLOW_RUN_ID", None)
         client.set_terminated(run.info.run_id)
     return f"models:/bench/{mv.version}"
-
-
-def start_server(model_uri: str, uri: str, log_file: Path) -> tuple[subprocess.Popen, str]:
-    from steps.serve import serve_command, server_env
-    from steps.servers import LOOPBACK, free_port, wait_http
-
-    port = free_port()
-    url = f"http://{LOOPBACK}:{port}"
-    with log_file.open("wb") as log:
-        proc = subprocess.Popen(serve_command(model_uri, LOOPBACK, port), stdout=log,
-                                stderr=subprocess.STDOUT, env=server_env(uri),
-                                start_new_session=True)  # fmt: skip
-    wait_http(f"{url}/ping", proc, "scoring server", 600, log_file, ready=range(200, 201))
-    return proc, url
 
 
 def timed(call, n: int) -> tuple[list[float], list]:
@@ -119,8 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks.train import resolve_model
     from steps.environment import quiet_offline_env
-    from steps.serve import download_model, load_logged
-    from steps.servers import stop_process_group
+    from steps.serve import download_model, load_logged, scoring_server
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="6 requests per measurement")
@@ -138,11 +121,8 @@ def main(argv: list[str] | None = None) -> int:
             uri = f"sqlite:///{work}/mlflow.db"
             model_uri = register(model_dir, uri)
             model, tokenizer = load_logged(download_model(model_uri, uri, work / "logged"))
-            proc, url = start_server(model_uri, uri, work / "server.log")
-            try:
-                result = measure(url, model, tokenizer, n, args.tokens)
-            finally:
-                stop_process_group(proc)
+            with scoring_server(model_uri, uri, work / "server.log") as server:
+                result = measure(server.url, model, tokenizer, n, args.tokens)
     except (MeasureError, RuntimeError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -193,10 +173,7 @@ def report(r: dict, model_dir: Path, n: int, tokens: int, threads: int) -> None:
             + (f" (first: {load['errors'][0]})" if load["errors"] else "")
         )
         ratios[f"errors_at_{clients}_clients"] = float(len(load["errors"]))
-    for name, value in ratios.items():
-        print(f"{name}: {value:.4g} (goal {GOALS[name]}: {verdict(value, GOALS[name])})")
-    checks = [{"name": k, "ratio": round(v, 4), "goal": GOALS[k]} for k, v in ratios.items()]
-    print(json.dumps({"benchmark": "serving", "checks": checks}))
+    print_checks("serving", ratios, GOALS)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,45 @@ def verdict(ratio: float, goal: str) -> str:
     return "met" if ok else "MISSED"
 
 
+def print_checks(benchmark: str, ratios: dict[str, float], goals: dict[str, str]) -> None:
+    """Each ratio with its goal and verdict, then the JSON checks line (ARCHITECTURE.md)."""
+    import json
+
+    for name, value in ratios.items():
+        print(f"{name}: {value:.4f} (goal {goals[name]}: {verdict(value, goals[name])})")
+    checks = [{"name": n, "ratio": round(v, 4), "goal": goals[n]} for n, v in ratios.items()]
+    print(json.dumps({"benchmark": benchmark, "checks": checks}))
+
+
+def train_in(work: Path, params, model_dir: Path, data_dir: Path, callbacks: list) -> dict:
+    """steps.train.train() (the train stage's function) writing everything under `work`, with
+    extra Trainer callbacks (a benchmark's clocks); its metrics."""
+    from steps.train import train
+
+    return train(
+        params,
+        model_dir,
+        data_dir,
+        work / "tuned",
+        work / "train.json",
+        work / "loss.csv",
+        work / "ckpt",
+        callbacks=callbacks,
+    )
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (by path: `benchmarks/evaluate.py` would shadow the
+    `evaluate` library if the folder were on sys.path), for the tests."""
+    import importlib.util
+
+    path = REPO / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 SAMPLE_TEXT = [
     "The for statement is used to iterate over the elements of a sequence.",
     "A function definition defines a user-defined function object.",

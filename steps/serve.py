@@ -19,6 +19,9 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from steps.arguments import stage_arguments
@@ -108,30 +111,51 @@ def smoke_serve(
     }
 
 
+@dataclass(frozen=True)
+class ScoringServer:
+    url: str  # http://127.0.0.1:<port>
+    proc: subprocess.Popen
+    ready_seconds: float  # from start until /ping answered 200 (the model loaded)
+
+
+@contextmanager
+def scoring_server(
+    model_uri: str,
+    uri: str,
+    log_file: Path,
+    timeout: float = 600,
+    extra_env: dict[str, str] | None = None,
+    grace: float = 15,
+) -> Iterator[ScoringServer]:
+    """The stock scoring server (serve_command) for `model_uri` of the registry at `uri`, on a
+    free loopback port, in a session of its own, its output in `log_file`; yielded once /ping
+    answers 200, its process group stopped on exit (SIGTERM, then SIGKILL after `grace` s)."""
+    port = free_port()
+    env = {**server_env(uri), **(extra_env or {})}
+    with log_file.open("wb") as log:
+        proc = subprocess.Popen(serve_command(model_uri, LOOPBACK, port), stdout=log, env=env,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        url = f"http://{LOOPBACK}:{port}"
+        started = time.monotonic()
+        wait_http(f"{url}/ping", proc, "scoring server", timeout, log_file, ready=range(200, 201))
+        yield ScoringServer(url, proc, time.monotonic() - started)
+    finally:
+        stop_process_group(proc, grace=grace)
+
+
 def serve_and_ask(
     model_uri: str, uri: str, prompts: list[Prompt], max_tokens: int, tmp: Path
 ) -> tuple[list[str], list[float], float]:
     """Serve `model_uri`, ask each prompt in turn at temperature 0, stop serving: the answers,
     each request's latency (ms) and the seconds until the server answered /ping."""
-    port = free_port()
-    url = f"http://{LOOPBACK}:{port}"
-    log_file = tmp / "server.log"
-    with log_file.open("wb") as log:
-        proc = subprocess.Popen(serve_command(model_uri, LOOPBACK, port), stdout=log,
-                                stderr=subprocess.STDOUT, env=server_env(uri),
-                                start_new_session=True)  # fmt: skip
-    try:
-        started = time.monotonic()
-        wait_http(f"{url}/ping", proc, "scoring server", 600, log_file, ready=range(200, 201))
-        ready_s = time.monotonic() - started
+    with scoring_server(model_uri, uri, tmp / "server.log") as server:
         answers, latencies_ms = [], []
         for prompt in prompts:
             sent = time.perf_counter()
-            answers.append(ask(url, prompt, max_tokens))
+            answers.append(ask(server.url, prompt, max_tokens))
             latencies_ms.append((time.perf_counter() - sent) * 1000)
-    finally:
-        stop_process_group(proc)
-    return answers, latencies_ms, ready_s
+    return answers, latencies_ms, server.ready_seconds
 
 
 def version_location(uri: str, model_uri: str) -> str:

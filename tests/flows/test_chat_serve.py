@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from steps.chat_serving import check_parity, end_of_turn_name, parity_verdict
-from steps.serve import SMOKE_MESSAGES, serve_command, server_env, smoke_serve
-from steps.servers import LOOPBACK, free_port, stop_process_group, wait_http
+from steps.serve import SMOKE_MESSAGES, scoring_server, smoke_serve
 
 pytestmark = pytest.mark.integration
 
@@ -102,18 +101,9 @@ def registry(tmp_path_factory, tiny_chat_model_dir, tiny_model_dir):
 def chat_server(registry, tmp_path_factory):
     """The chat model behind the stock scoring server on a free loopback port: its URL."""
     uri, _ = registry
-    port = free_port()
     log = tmp_path_factory.mktemp("chat-server") / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(serve_command(CHAT, LOOPBACK, port), stdout=out,
-                                stderr=subprocess.STDOUT, env=server_env(uri),
-                                start_new_session=True)  # fmt: skip
-    try:
-        url = f"http://{LOOPBACK}:{port}"
-        wait_http(f"{url}/ping", proc, "scoring server", 300, log, ready=range(200, 201))
-        yield url
-    finally:
-        stop_process_group(proc)
+    with scoring_server(CHAT, uri, log, timeout=300) as server:
+        yield server.url
 
 
 def post(url: str, payload: dict) -> dict:

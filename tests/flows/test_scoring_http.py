@@ -16,8 +16,7 @@ import urllib.request
 import psutil
 import pytest
 
-from steps.serve import serve_command, server_env
-from steps.servers import LOOPBACK, free_port, stop_process_group, wait_http
+from steps import serve
 
 pytestmark = pytest.mark.integration
 
@@ -30,21 +29,13 @@ def scoring_server(golden, tmp_path_factory):
     """The golden project's champion on a free loopback port, served as `llmpipe serve` does."""
     root = tmp_path_factory.mktemp("scoring")
     project = shutil.copytree(golden[0], root / "project", symlinks=True)
-    port = free_port()
-    env = server_env(f"sqlite:///{project}/mlflow.db")
-    env["MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"] = str(REQUEST_TIMEOUT_S)
-    log = root / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            serve_command("models:/llmpipe@champion", LOOPBACK, port), cwd=project, env=env,
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    url = f"http://{LOOPBACK}:{port}"
-    try:
-        wait_http(f"{url}/ping", proc, "scoring server", 300, log, ready=range(200, 201))
-        yield url, proc
-    finally:
-        stop_process_group(proc, grace=5)  # the runaway generation below delays a graceful stop
+    registry = f"sqlite:///{project}/mlflow.db"
+    timeout = {"MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S)}
+    # grace 5: the runaway generation below delays a graceful stop
+    with serve.scoring_server(
+        "models:/llmpipe@champion", registry, root / "server.log", 300, timeout, grace=5
+    ) as server:
+        yield server.url, server.proc
 
 
 def post(url: str, body: bytes, content_type: str = "application/json", method: str = "POST"):

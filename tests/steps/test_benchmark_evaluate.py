@@ -4,20 +4,15 @@ score the same tokens, and report."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import json
 
 import pytest
 
-from benchmarks.workloads import REPO, SAMPLE_TEXT
+from benchmarks.workloads import SAMPLE_TEXT, load_benchmark
 
 pytestmark = pytest.mark.unit
 
-_spec = importlib.util.spec_from_file_location(
-    "benchmark_evaluate", REPO / "benchmarks" / "evaluate.py"
-)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_benchmark("evaluate")
 rp = importlib.import_module("benchmarks.rolling_perplexity")
 
 TEXTS = [*SAMPLE_TEXT, "Short text.", "Naïve café — a generator suspends at each yield; " * 6]

@@ -3,17 +3,13 @@ every Linear layer of the model it measures, the output head included, once."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from benchmarks.workloads import REPO, SMOLLM2_135M, TINY_LLAMA
+from benchmarks.workloads import SMOLLM2_135M, TINY_LLAMA, load_benchmark
 
 pytestmark = pytest.mark.unit
 
-_spec = importlib.util.spec_from_file_location("benchmark_gpu", REPO / "benchmarks" / "gpu.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_benchmark("gpu")
 
 
 @pytest.mark.parametrize("shape", [SMOLLM2_135M, {**TINY_LLAMA, "vocab_size": 64}])

@@ -4,19 +4,16 @@ convention's shape."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
 import pytest
 
-from benchmarks.workloads import REPO
+from benchmarks.workloads import load_benchmark
 
 pytestmark = pytest.mark.unit
 
-_spec = importlib.util.spec_from_file_location("benchmark_loop", REPO / "benchmarks" / "loop.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_benchmark("loop")
 
 
 def test_checkpoint_share_projects_the_measured_save_and_step_to_the_default_interval():

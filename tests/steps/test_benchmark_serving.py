@@ -4,20 +4,15 @@ scoring server."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from benchmarks.workloads import REPO
+from benchmarks.workloads import load_benchmark
 
-_spec = importlib.util.spec_from_file_location(
-    "benchmark_serving", REPO / "benchmarks" / "serving.py"
-)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_benchmark("serving")
 
 
 @pytest.fixture

@@ -4,19 +4,16 @@ plans correspond, the arms train, and the checks line has the convention's shape
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 
 import pytest
 
-from benchmarks.workloads import REPO, SAMPLE_TEXT
+from benchmarks.workloads import SAMPLE_TEXT, load_benchmark
 
 pytestmark = pytest.mark.unit
 
-_spec = importlib.util.spec_from_file_location("benchmark_train", REPO / "benchmarks" / "train.py")
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_benchmark("train")
 
 
 def conversations(n: int) -> list[list[dict]]:
