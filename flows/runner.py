@@ -40,7 +40,10 @@ class StageOutcome:
     name: str
     skipped: bool  # DVC found deps, params and outs unchanged and ran nothing
     seconds: float  # the task's wall time: DVC's checks and the step together
-    step_seconds: float = 0.0  # inside the step itself (0 when skipped)
+    step_seconds: float = 0.0  # inside the step's main() (0 when skipped)
+    # the step's process from its creation to its outcome record (its interpreter's start and
+    # imports too); for a DVC stage, seconds - process_seconds is DVC's own time (0 when skipped)
+    process_seconds: float = 0.0
     facts: dict = field(default_factory=dict)  # what the step returned (counts, metrics, ...)
 
     def to_dict(self) -> dict:
@@ -114,4 +117,11 @@ def run_stage(
         raise StageFailed(f"stage {stage.name!r} failed (exit {code}): {why}")
     if record is None:
         return StageOutcome(stage.name, skipped=True, seconds=seconds)
-    return StageOutcome(stage.name, False, seconds, record["seconds"], record.get("facts", {}))
+    return StageOutcome(
+        stage.name,
+        False,
+        seconds,
+        record["seconds"],
+        process_seconds=record.get("process_seconds", 0.0),
+        facts=record.get("facts", {}),
+    )

@@ -23,6 +23,7 @@ from typing import Any
 
 from steps.errors import USER_ERROR_EXIT, UserError
 from steps.outputs import disk_full, is_disk_full, write_json
+from steps.overhead import process_age
 
 OUTCOME_ENV = "LLMPIPE_OUTCOME"
 
@@ -30,7 +31,14 @@ OUTCOME_ENV = "LLMPIPE_OUTCOME"
 def _record(status: str, started: float, **fields: Any) -> None:
     path = os.environ.get(OUTCOME_ENV)
     if path:
-        write_json(path, {"status": status, "seconds": time.perf_counter() - started, **fields})
+        record = {
+            "status": status,
+            "seconds": time.perf_counter() - started,  # inside main()
+            # since the process was created: its interpreter's start and its imports too
+            "process_seconds": process_age(),
+            **fields,
+        }
+        write_json(path, record)
 
 
 def exit_on_sigterm(signum: int, frame: object) -> None:

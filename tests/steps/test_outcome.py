@@ -23,6 +23,7 @@ def test_a_step_that_ran_records_its_facts_and_seconds(record):
     run_main(lambda: {"documents": 3})
     out = json.loads(record.read_text())
     assert out["status"] == "ran" and out["facts"] == {"documents": 3} and out["seconds"] >= 0
+    assert out["process_seconds"] > out["seconds"]  # from the process's creation
 
 
 def test_a_user_error_is_recorded_as_data_and_exits_2(record, capsys):
@@ -42,9 +43,12 @@ def test_a_crash_is_recorded_and_re_raised(record):
 
     with pytest.raises(MemoryError):
         run_main(crash)
-    assert read_outcome(record) | {"seconds": 0} == {
+    out = read_outcome(record)
+    assert out | {"seconds": 0, "process_seconds": 0} == {
         "status": "crashed", "message": "MemoryError: out of memory", "seconds": 0,
+        "process_seconds": 0,
     }  # fmt: skip
+    assert out["process_seconds"] > out["seconds"]  # this process ran before run_main
 
 
 def test_without_the_variable_nothing_is_written(tmp_path, monkeypatch):
