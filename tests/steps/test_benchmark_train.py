@@ -193,6 +193,40 @@ def test_checks_line_has_the_convention_shape(capsys):
     assert "final_loss_ratio" not in bench.QUICK_CHECKS  # printed only: 3 steps are too few
 
 
+def test_rounds_keep_each_arms_fastest_with_the_first_rounds_scores(monkeypatch, tmp_path):
+    seconds = {("padded", 0): 30.0, ("packed", 0): 12.0, ("lora", 0): 9.0,
+               ("padded", 1): 28.0, ("packed", 1): 13.0, ("lora", 1): 8.5}  # fmt: skip
+    calls = []
+
+    def fake_run_arm(arm, spec_file, work, score=True):
+        n = sum(1 for a, _ in calls if a == arm)
+        calls.append((arm, score))
+        out = {"train_seconds": seconds[arm, n], "train_loss": 2.0, "peak_rss": 10 + n}
+        return {**out, "heldout_loss": 1.5, "base_heldout_loss": 2.5} if score else out
+
+    monkeypatch.setattr(bench, "run_arm", fake_run_arm)
+    best = bench.run_rounds(2, tmp_path)
+    # the arms in turn, round after round; held-out scoring in the first round only
+    assert calls == [(a, True) for a in bench.ARMS] + [(a, False) for a in bench.ARMS]
+    assert {a: r["train_seconds"] for a, r in best.items()} == {
+        "padded": 28.0, "packed": 12.0, "lora": 8.5
+    }  # fmt: skip
+    assert best["padded"]["peak_rss"] == 11 and best["packed"]["peak_rss"] == 10  # its round's
+    assert best["lora"]["heldout_loss"] == 1.5 and best["lora"]["base_heldout_loss"] == 2.5
+    assert best["padded"]["round_seconds"] == [30.0, 28.0]
+
+
+def test_rounds_that_train_differently_are_refused(monkeypatch, tmp_path):
+    losses = iter([2.0, 2.0, 2.0, 2.0, 2.1, 2.0])
+
+    def fake_run_arm(arm, spec_file, work, score=True):
+        return {"train_seconds": 1.0, "train_loss": next(losses)}
+
+    monkeypatch.setattr(bench, "run_arm", fake_run_arm)
+    with pytest.raises(bench.MeasureError, match="packed arm's rounds trained differently"):
+        bench.run_rounds(2, tmp_path)
+
+
 def test_turns_argument_is_parsed_or_refused(capsys):
     assert bench.parse_args(["--turns", "2"]).turns == (2, 2)
     assert bench.parse_args([]).turns == (1, 1)
