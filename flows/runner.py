@@ -25,6 +25,7 @@ from steps.executables import interpreter_bin, with_interpreter_on_path
 from steps.outcome import OUTCOME_ENV, read_outcome
 from steps.servers import stop_process_group
 from steps.stages import Stage, command
+from steps.tracking import log_request
 
 
 class UserInputError(Exception):
@@ -117,6 +118,9 @@ def run_stage(
         raise StageFailed(f"stage {stage.name!r} failed (exit {code}): {why}")
     if record is None:
         return StageOutcome(stage.name, skipped=True, seconds=seconds)
+    if record.get("log"):  # what the step asked to log into the flow's run: the run it saw
+        log_request(run_env["MLFLOW_TRACKING_URI"], run_env["MLFLOW_RUN_ID"], record["log"])
+        seconds = time.perf_counter() - started  # the logging is the task's too
     return StageOutcome(
         stage.name,
         False,

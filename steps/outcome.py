@@ -26,6 +26,21 @@ from steps.outputs import disk_full, is_disk_full, write_json
 from steps.overhead import process_age
 
 OUTCOME_ENV = "LLMPIPE_OUTCOME"
+# what the step asks the flow to log into its MLflow run (steps.tracking.log_to_flow_run)
+_FOR_THE_FLOW: dict[str, Any] = {"metrics": {}, "params": {}, "artifacts": [], "tables": []}
+
+
+def leave_for_the_flow(request: dict[str, Any]) -> bool:
+    """Keep a logging request for the outcome record when the flow's runner reads one (True);
+    False when nothing will read it (the caller logs it itself)."""
+    if not os.environ.get(OUTCOME_ENV):
+        return False
+    for key, value in request.items():
+        if isinstance(value, dict):
+            _FOR_THE_FLOW[key].update(value)
+        else:
+            _FOR_THE_FLOW[key].extend(value)
+    return True
 
 
 def _record(status: str, started: float, **fields: Any) -> None:
@@ -62,7 +77,8 @@ def run_main(main: Callable[[], dict[str, Any] | None]) -> None:
         _record("user_error", started, message=str(err))
         print(f"error: {err}", file=sys.stderr)
         sys.exit(USER_ERROR_EXIT)
-    _record("ran", started, facts=facts)
+    asked = {key: value for key, value in _FOR_THE_FLOW.items() if value}
+    _record("ran", started, facts=facts, **({"log": asked} if asked else {}))
 
 
 def read_outcome(path: Path) -> dict[str, Any] | None:

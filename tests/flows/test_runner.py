@@ -15,8 +15,10 @@ from steps.stages import Stage
 
 STEP = """
 import sys
+from pathlib import Path
 from steps.errors import UserError
 from steps.outcome import run_main
+from steps.tracking import log_to_flow_run
 
 def main():
     kind = sys.argv[1]
@@ -25,6 +27,11 @@ def main():
         raise UserError("data.txt:3: not valid JSON; fix the line")
     if kind == "crash":
         raise MemoryError("boom")
+    if kind == "logs":
+        Path("c.json").write_text("{}")
+        log_to_flow_run(metrics={"loss": 1.5}, params={"split": "ab"}, artifacts=[Path("c.json")])
+        log_to_flow_run(metrics={"ppl": 4.0}, table=({"prompt": ["p"], "tuned": ["t"]}, "s.json"))
+        return {"mlflow_imported": "mlflow" in sys.modules}
     return {"documents": 7}
 
 run_main(main)
@@ -58,6 +65,21 @@ def test_the_outcome_record_says_what_happened(fake_steps):
     assert str(info.value) == "data.txt:3: not valid JSON; fix the line"
     with pytest.raises(StageFailed, match=r"exit 1\): MemoryError: boom"):
         run_stage(task_stage("crash"), fake_steps, {}, lines.append, extra_args=("crash",))
+
+
+@pytest.mark.unit
+def test_what_a_step_logs_is_logged_by_the_flow_process_into_the_flow_run(fake_steps):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{fake_steps / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("x")).info.run_id
+    env = {"MLFLOW_TRACKING_URI": uri, "MLFLOW_RUN_ID": run_id}
+    done = run_stage(task_stage("logs"), fake_steps, env, lambda line: None, extra_args=("logs",))
+    assert done.facts == {"mlflow_imported": False}  # the step never loads MLflow
+    data = client.get_run(run_id).data
+    assert data.metrics == {"loss": 1.5, "ppl": 4.0} and data.params == {"split": "ab"}
+    assert {a.path for a in client.list_artifacts(run_id)} == {"c.json", "s.json"}
 
 
 @pytest.mark.integration
