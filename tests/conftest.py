@@ -22,6 +22,24 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)  # each test project uses its own ml
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
+# `make test` runs the tests on two pytest-xdist workers (`-n 2 --dist loadgroup`): each worker
+# builds its own session fixtures (in its own temporary directories), and the tests of one
+# xdist_group all run on one worker, one after another: group "fixed-ports" holds the tests that
+# bind a port the README names (4200, 5000, 5001), which must never run at the same time.
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """The tests that share a module-scoped fixture form a group of their module, so that
+    fixture (a stack of servers, a run of the flow) is built once, not once per worker."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None or item.get_closest_marker("xdist_group"):
+            continue
+        if any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     from benchmarks.workloads import build_tiny_model
