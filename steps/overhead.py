@@ -89,9 +89,13 @@ class Sampler:
             self.counts[category(frame)] += 1
 
     def stop(self) -> dict:
-        """Stop sampling; the profile: seconds per category, from process creation to now."""
+        """Stop sampling and wait for the sampling thread to end (none may outlive the exit
+        handlers: a thread still running while the interpreter finalises can abort a process
+        whose libraries run their own threads, as torch's do); the profile: seconds per
+        category, from process creation to now."""
         self._stop.set()
         ended_at = time.time()
+        self._thread.join(timeout=5)
         created_at = ended_at - process_age()
         samples = sum(self.counts.values()) or 1
         sampled = ended_at - self.started_at
