@@ -30,10 +30,15 @@ def free_port(host: str = LOOPBACK) -> int:
 
 
 def ensure_port_free(host: str, port: int, hint: str) -> None:
-    """UserError naming the address when something already listens on it."""
+    """UserError naming the address when something already listens on it.
+
+    The check binds the way the server will (uvicorn sets SO_REUSEADDR): a connection that ended
+    on this port moments ago and lingers in TIME_WAIT does not stop the server, so it must not
+    stop the check either; a listener does."""
     from steps.errors import UserError
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as err:

@@ -11,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from steps.servers import free_port, stop_process_group, wait_http
+from steps.errors import UserError
+from steps.servers import ensure_port_free, free_port, stop_process_group, wait_http
 
 pytestmark = pytest.mark.unit
 
@@ -22,6 +23,24 @@ def test_free_port_is_bindable():
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
         assert s.getsockname() == ("127.0.0.1", port)
+
+
+def test_a_listener_makes_the_port_busy_but_a_lingering_connection_does_not():
+    """A server stopped moments ago leaves its side of a closed connection in TIME_WAIT on its
+    port; the server binding there again (SO_REUSEADDR, as uvicorn does) succeeds, so the check
+    must pass too. Seen in CI: `llmpipe serve` refused 127.0.0.1:5001 that nothing listened on."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    with pytest.raises(UserError, match=f"127.0.0.1:{port} is not available .*; hint$"):
+        ensure_port_free("127.0.0.1", port, "hint")
+    client = socket.create_connection(("127.0.0.1", port))
+    served, _ = listener.accept()
+    served.close()  # the server closes first: its end lingers in TIME_WAIT on `port`
+    client.close()
+    listener.close()
+    with socket.socket() as plain, pytest.raises(OSError):  # what the old check did
+        plain.bind(("127.0.0.1", port))
+    ensure_port_free("127.0.0.1", port, "hint")
 
 
 def test_wait_ready_fails_when_the_server_has_exited(tmp_path):
