@@ -123,7 +123,7 @@ def plain_loop_arm(spec: dict) -> dict:
             except StopIteration:
                 batches = iter(loader)
                 batch = next(batches)
-            ids = batch["input_ids"].to(device)
+            ids = batch["input_ids"].to(device, torch.long)  # stored as int32
             with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 loss = model(input_ids=ids, labels=ids).loss / p.gradient_accumulation_steps
             loss.backward()

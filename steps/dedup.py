@@ -9,8 +9,9 @@ shingle) costs ~4x tokenizing the same text, so it is computed only where it can
 record whose Jaccard similarity to a test record B is J shares at least J x |A| of its distinct
 shingles with B, so a record sharing fewer than (threshold - SLACK) x |A| shingles with every test
 record cannot reach the threshold unless the estimate errs by more than SLACK (> 5 standard
-errors at 128 permutations; the probability is below 1e-7). Shared shingles are counted exactly on
-64-bit shingle hashes (a hash collision only adds work, never hides a duplicate).
+errors at 128 permutations; the probability is below 1e-7). Shared shingles are counted on 64-bit
+shingle hashes, first through a bitmap that can only over-count, then exactly for the records it
+lets through (a hash collision only adds work, never hides a duplicate).
 """
 
 from __future__ import annotations

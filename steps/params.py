@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from steps.errors import UserError
 from steps.outcome import run_main
@@ -63,6 +70,11 @@ class PrepareParams(_Section):
     overlong: Literal["truncate", "drop"] = Field(
         "truncate", description="a conversation longer than block_size: cut to it, or left out"
     )
+    num_proc: int | Literal["auto"] = Field(
+        "auto",
+        description="processes tokenizing text records; auto = one per available core once "
+        "there are 5,000 records per process (fewer are tokenized in one)",
+    )
     near_duplicate_threshold: float = Field(
         0.8,
         gt=0,
@@ -70,6 +82,15 @@ class PrepareParams(_Section):
         description="Jaccard similarity (MinHash, word 5-grams) at which a training record counts "
         "as a near duplicate of a test record and is removed; above 1 = never",
     )
+
+    @field_validator("num_proc", mode="before")
+    @classmethod
+    def _processes(cls, value: Any) -> Any:
+        if value == "auto" or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        ):
+            return value
+        raise ValueError("should be a number of processes (1 or more) or auto")
 
 
 class TrainParams(_Section):
@@ -185,7 +206,9 @@ def _format_errors(source: str, err: ValidationError) -> str:
         elif e["type"] == "value_error" and not isinstance(e.get("input"), str | int | float):
             problems.append(e["msg"].removeprefix("Value error, "))  # a check across keys
         else:
-            problems.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+            problems.append(
+                f"'{key}': {e['msg'].removeprefix('Value error, ')} (got {e.get('input')!r})"
+            )
     return f"{source}: " + "; ".join(problems)
 
 

@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+import numpy as np
 
 from steps.arguments import stage_arguments
 from steps.chat import blocks, check_chat_template, fit, render, supervised
@@ -34,9 +38,12 @@ from steps.outcome import run_main
 from steps.outputs import atomic_dir, write_json
 from steps.params import PrepareParams, load_params
 from steps.records import Records, read_records
+from steps.text_tokens import token_batches
 from steps.tracking import log_to_flow_run
 
 SPLITS = ("train", "validation", "test")
+RECORDS_PER_PROC = 5000  # prepare.num_proc auto: fewer records a process are tokenized in one
+TEXTS_PER_BATCH = 1000  # documents read, tokenized and packed at a time
 
 
 def split_of(text: str, test_fraction: float, validation_fraction: float) -> str:
@@ -77,7 +84,7 @@ def pack_sequences(docs_ids: list[list[int]], eos_id: int, block_size: int) -> l
     return list(stream_blocks(docs_ids, eos_id, block_size))
 
 
-def heldout_hash(texts: list[str], prefix: str = "") -> str:
+def heldout_hash(texts: Iterable[str], prefix: str = "") -> str:
     """sha256 over the held-out records, so metrics from different runs can be compared safely
     (chat records carry a prefix: the same words scored as responses are another measurement)."""
     h = hashlib.sha256(prefix.encode())
@@ -96,12 +103,12 @@ def prepare(params: PrepareParams, data: Path, tokenizer, out_dir: Path) -> dict
     records = read_records(data, params)
     if records.kind == "chat":
         check_chat_template(tokenizer, str(data))
-    splits, card = deduplicated_splits(records, params, data)
+    splits, card, rows = deduplicated_splits(records, params, data)
     with atomic_dir(out_dir) as tmp:
         if records.kind == "chat":
             card["splits"] = write_chat_splits(splits, params, tokenizer, tmp, data)
         else:
-            card["splits"] = write_text_splits(splits, params, tokenizer, tmp, data)
+            card["splits"] = write_text_splits(records.dataset, rows, params, tokenizer, tmp, data)
         write_json(tmp / "stats.json", card)
     return card
 
@@ -120,14 +127,61 @@ def record_text(kind: str, row: dict) -> str:
     return "\n".join(turn["content"] for turn in row["messages"])
 
 
-def assign_splits(records: Records, params: PrepareParams, data: Path):
-    """Records by split (content hash) with exact duplicates dropped (the first is kept), the
-    number dropped, and the split's hash; train and test must not be empty."""
+def column_batches(ds, column: str, rows: np.ndarray | None = None, batch_size: int = 1000):
+    """The values of `column` a batch at a time, of the rows `rows` (ascending) or of all.
+
+    A dataset that is one Arrow file, as the records read from a .jsonl or .txt file are, is read
+    from that file rather than through its memory map: a mapped page read stays in this process's
+    resident memory (and in every worker forked from it) until the map is closed, so reading a
+    1 GB corpus that way costs 1 GB of RSS; read, it passes through the page cache."""
+    import pyarrow as pa
+
+    wanted = None
+    if rows is not None:
+        wanted = np.zeros(len(ds), dtype=bool)
+        wanted[rows] = True
+    files = [f["filename"] for f in ds.cache_files]
+    if len(files) != 1 or ds.data.num_rows != len(ds):  # several files, or a selection of rows
+        batches = (b[column] for b in ds.select_columns([column]).iter(batch_size=batch_size))
+    else:
+        batches = _file_batches(pa, files[0], column, len(ds))
+    start = 0
+    for values in batches:
+        end = start + len(values)
+        if wanted is None:
+            yield values
+        elif wanted[start:end].any():
+            keep = np.flatnonzero(wanted[start:end])
+            yield [values[i] for i in keep] if len(keep) < len(values) else values
+        start = end
+
+
+def _file_batches(pa, path: str, column: str, rows: int) -> Iterator[list]:
+    seen = 0
+    with pa.OSFile(path) as source:
+        for batch in pa.ipc.open_stream(source):
+            seen += batch.num_rows
+            yield batch.column(column).to_pylist()
+    if seen != rows:  # the file is not the dataset's rows in order: a bug, never a wrong split
+        raise RuntimeError(f"{path} holds {seen} rows, its dataset {rows}")
+
+
+def rows_of(ds, kind: str, rows: np.ndarray | None = None) -> Iterator[dict]:
+    """The records' content (text, or messages), of the rows `rows` or of all, read a batch at a
+    time (column_batches)."""
+    column = "text" if kind == "text" else "messages"
+    for values in column_batches(ds, column, rows):
+        for value in values:
+            yield {column: value}
+
+
+def split_rows(records: Records, params: PrepareParams, data: Path):
+    """The rows of each split (content hash) with exact duplicates dropped (the first is kept),
+    and the number dropped; train and test must not be empty."""
     key = record_key(records.kind)
-    ds = records.dataset
     seen: set[bytes] = set()
     by_split: dict[str, list[int]] = {name: [] for name in SPLITS}
-    for i, row in enumerate(ds):
+    for i, row in enumerate(rows_of(records.dataset, records.kind)):
         text = key(row)
         digest = hashlib.sha256(text.encode("utf-8")).digest()
         if digest in seen:
@@ -140,75 +194,83 @@ def assign_splits(records: Records, params: PrepareParams, data: Path):
                 f"{data}: the {name} split is empty ({len(seen)} distinct records); add records "
                 f"or change prepare.test_fraction ({params.test_fraction})"
             )
-    return {name: ds.select(rows) for name, rows in by_split.items()}, len(ds) - len(seen)
+    rows = {name: np.array(r, dtype=np.int64) for name, r in by_split.items()}
+    return rows, len(records.dataset) - len(seen)
+
+
+def assign_splits(records: Records, params: PrepareParams, data: Path):
+    """split_rows() as datasets: records by split, and the number of exact duplicates dropped."""
+    rows, exact = split_rows(records, params, data)
+    return {name: records.dataset.select(r) for name, r in rows.items()}, exact
 
 
 def deduplicated_splits(records: Records, params: PrepareParams, data: Path):
-    """assign_splits(), then near duplicates of held-out records dropped from train; and the
-    card's counts of what was removed."""
-    splits, exact = assign_splits(records, params, data)
-    key = record_key(records.kind)
-    test_texts = [record_text(records.kind, row) for row in splits["test"]]
+    """split_rows(), then near duplicates of held-out records dropped from train; the splits as
+    datasets, the card's counts of what was removed, and each split's rows."""
+    rows, exact = split_rows(records, params, data)
+    kind, ds = records.kind, records.dataset
+    key = record_key(kind)
+    test_texts = [record_text(kind, row) for row in rows_of(ds, kind, rows["test"])]
     near = near_duplicates(
-        (record_text(records.kind, row) for row in splits["train"]),
+        (record_text(kind, row) for row in rows_of(ds, kind, rows["train"])),
         test_texts,
         params.near_duplicate_threshold,
     )
+    del test_texts
     if near:
-        drop = set(near)
-        rows = [i for i in range(len(splits["train"])) if i not in drop]
-        if not rows:
+        rows["train"] = np.delete(rows["train"], near)
+        if not len(rows["train"]):
             raise UserError(
                 f"{data}: every training record nearly duplicates a test record; add records "
                 "or raise prepare.near_duplicate_threshold"
             )
-        splits["train"] = splits["train"].select(rows)
     card = {
         "data": str(data),
-        "format": records.kind,
+        "format": kind,
         "block_size": params.block_size,
-        "records_in": len(records.dataset),
+        "records_in": len(ds),
         "exact_duplicates_removed": exact,
         "near_duplicates_removed_from_train": len(near),
         "near_duplicate_threshold": params.near_duplicate_threshold,
         "test_split_hash": heldout_hash(
-            [key(row) for row in splits["test"]], prefix="" if records.kind == "text" else "chat"
+            (key(row) for row in rows_of(ds, kind, rows["test"])),
+            prefix="" if kind == "text" else "chat",
         ),
     }
-    return splits, card
+    return {name: ds.select(r) for name, r in rows.items()}, card, rows
 
 
-def length_histogram(lengths: list[int], block_size: int) -> dict[str, int]:
+def length_histogram(lengths, block_size: int) -> dict[str, int]:
     """Records per length bin (tokens): powers of two up to the block size, then 'longer'."""
     edges = [2**k for k in range(4, 32) if 2**k < block_size] + [block_size]
-    counts = {f"<={e}": 0 for e in edges}
-    counts["longer"] = 0
-    for n in lengths:
-        counts[next((f"<={e}" for e in edges if n <= e), "longer")] += 1
-    return counts
+    bins = np.bincount(np.searchsorted(edges, np.asarray(lengths, dtype=np.int64), side="left"),
+                       minlength=len(edges) + 1)  # fmt: skip
+    return {
+        **{f"<={e}": int(c) for e, c in zip(edges, bins, strict=False)},
+        "longer": int(bins[-1]),
+    }
 
 
-def write_text_splits(splits, params: PrepareParams, tokenizer, tmp: Path, data: Path) -> dict:
-    """Documents back to back with EOS after each, cut into full blocks (the tail is dropped)."""
-    from datasets import Dataset
+def write_text_splits(ds, rows, params: PrepareParams, tokenizer, tmp: Path, data: Path) -> dict:
+    """Documents back to back with EOS after each, cut into full blocks (the tail is dropped).
+
+    Streamed: each split's texts are read a batch at a time (column_batches), tokenized in
+    prepare.num_proc processes (steps/text_tokens.py), packed with numpy and written a batch of
+    blocks at a time; no split's texts or token ids are ever held whole in memory."""
+    import shutil
 
     stats = {}
+    scratch = tmp / ".scratch"
+    scratch.mkdir()
     for name in ("train", "validation"):
-        docs = splits[name]
-        ids = docs.map(
-            lambda batch: tokenizer(batch["text"], add_special_tokens=False, verbose=False),
-            batched=True,
-            remove_columns=docs.column_names,
-            load_from_cache_file=False,
-        )
-        docs_ids = ids["input_ids"] if len(docs) else []  # map skips an empty dataset
-        lengths = [len(x) + 1 for x in docs_ids]
-        blocks = _save_blocks(
-            (
-                {"input_ids": b}
-                for b in stream_blocks(docs_ids, tokenizer.eos_token_id, params.block_size)
-            ),
+        texts = column_batches(ds, "text", rows[name], batch_size=TEXTS_PER_BATCH)
+        procs = num_procs(params.num_proc, len(rows[name]))
+        lengths, blocks = write_blocks(
+            token_batches(texts, tokenizer, procs),
+            tokenizer.eos_token_id,
+            params.block_size,
             tmp / name,
+            scratch,
         )
         if name == "train" and not blocks:
             raise UserError(
@@ -216,16 +278,64 @@ def write_text_splits(splits, params: PrepareParams, tokenizer, tmp: Path, data:
                 f"(prepare.block_size={params.block_size}); add text or lower block_size"
             )
         stats[name] = {
-            "records": len(docs),
-            "tokens": sum(lengths),
-            "supervised_tokens": sum(lengths),
+            "records": len(rows[name]),
+            "tokens": int(lengths.sum()),
+            "supervised_tokens": int(lengths.sum()),
             "blocks": blocks,
             "length_histogram": length_histogram(lengths, params.block_size),
         }
-    test = splits["test"]
-    Dataset.from_dict({"text": test["text"]}).save_to_disk(str(tmp / "test"), num_shards=1)
-    stats["test"] = {"records": len(test), "characters": sum(len(t) for t in test["text"])}
+    shutil.rmtree(scratch)
+    test = ds.select(rows["test"]).select_columns(["text"])
+    test.save_to_disk(str(tmp / "test"), num_shards=1)
+    characters = sum(len(t) for texts in column_batches(ds, "text", rows["test"]) for t in texts)
+    stats["test"] = {"records": len(rows["test"]), "characters": characters}
     return stats
+
+
+def num_procs(requested: int | str, records: int) -> int:
+    """Processes for tokenizing `records` documents: prepare.num_proc, where `auto` is one per
+    available core once there are enough records to pay for starting them (RECORDS_PER_PROC)."""
+    if requested == "auto":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return max(1, min(cores or 1, records // RECORDS_PER_PROC))
+    return max(1, min(int(requested), records))
+
+
+def write_blocks(batches, eos_id: int, block_size: int, out: Path, scratch: Path):
+    """stream_blocks() over batches of (token ids back to back, each document's length), in
+    numpy, written a batch of blocks at a time (int32); returns every document's length (EOS
+    included) and the number of blocks."""
+    import pyarrow as pa
+    from datasets import Dataset, Features, Sequence, Value
+    from datasets.arrow_writer import ArrowWriter
+
+    features = Features({"input_ids": Sequence(Value("int32"))})
+    lengths: list[np.ndarray] = []
+    carry = np.zeros(0, dtype=np.int32)
+    blocks = 0
+    path = scratch / f"blocks-{uuid.uuid4().hex}.arrow"
+    with ArrowWriter(features=features, path=str(path)) as writer:
+        for flat, doc_lengths in batches:
+            n = doc_lengths + 1  # the EOS after each document
+            stream = np.full(int(n.sum()) + len(carry), eos_id, dtype=np.int32)
+            stream[: len(carry)] = carry
+            is_token = np.ones(len(stream) - len(carry), dtype=bool)
+            is_token[np.cumsum(n) - 1] = False
+            stream[len(carry) :][is_token] = flat
+            full = len(stream) // block_size
+            if full:
+                offsets = pa.array(np.arange(full + 1, dtype=np.int32) * block_size)
+                packed = pa.ListArray.from_arrays(offsets, pa.array(stream[: full * block_size]))
+                writer.write_table(pa.table({"input_ids": packed}))
+                blocks += full
+            carry = stream[full * block_size :].copy()
+            lengths.append(n)
+        if not blocks:  # an empty file has no schema to load
+            empty = pa.ListArray.from_arrays(pa.array([0], pa.int32()), pa.array([], pa.int32()))
+            writer.write_table(pa.table({"input_ids": empty}))
+        writer.finalize()
+    Dataset.from_file(str(path)).save_to_disk(str(out), num_shards=1)
+    return (np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)), blocks
 
 
 def write_chat_splits(splits, params: PrepareParams, tokenizer, tmp: Path, data: Path) -> dict:

@@ -11,7 +11,15 @@ import pytest
 
 from steps.errors import UserError
 from steps.params import PrepareParams
-from steps.prepare import assign_splits, pack_sequences, prepare, split_of
+from steps.prepare import (
+    RECORDS_PER_PROC,
+    assign_splits,
+    num_procs,
+    pack_sequences,
+    prepare,
+    split_of,
+    write_blocks,
+)
 from steps.prepare import heldout_hash as split_hash
 from steps.records import Records
 
@@ -126,6 +134,35 @@ def test_pack_sequences_hand_example():
     assert len(blocks) == (sum(range(1, 12)) + 11) // 7
 
 
+def test_blocks_are_packed_and_written_a_batch_at_a_time(tmp_path):
+    from datasets import load_from_disk
+
+    from steps.text_tokens import flat_ids
+
+    rng = random.Random(3)
+    docs = [[rng.randrange(1, 500) for _ in range(rng.randint(0, 40))] for _ in range(300)]
+    batches = (flat_ids(docs[i : i + 7]) for i in range(0, len(docs), 7))
+    (tmp_path / "scratch").mkdir()
+    lengths, blocks = write_blocks(batches, 0, 16, tmp_path / "out", tmp_path / "scratch")
+    assert lengths.tolist() == [len(d) + 1 for d in docs]
+    written = load_from_disk(str(tmp_path / "out"))
+    assert blocks == len(written) == sum(len(d) + 1 for d in docs) // 16
+    assert written["input_ids"] == pack_sequences(docs, 0, 16)
+    assert written.features["input_ids"].feature.dtype == "int32"  # half of int64 on disk
+    _, none = write_blocks(iter(()), 0, 16, tmp_path / "empty", tmp_path / "scratch")
+    assert none == len(load_from_disk(str(tmp_path / "empty"))) == 0
+
+
+def test_auto_processes_start_only_for_enough_records(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert num_procs("auto", 100) == 1
+    assert num_procs("auto", 2 * RECORDS_PER_PROC) == 2
+    assert num_procs("auto", 100 * RECORDS_PER_PROC) == 4
+    assert num_procs(3, 100) == 3 and num_procs(8, 5) == 5
+
+
 def test_test_split_hash_reference_sensitivity_and_order():
     texts = ["alpha", "beta", "gamma"]
     h = hashlib.sha256()
@@ -150,12 +187,15 @@ def corpus(tmp_path):
     return path, docs
 
 
-def test_prepare_writes_splits_blocks_and_stats(tmp_path, corpus, tiny_model):
+@pytest.mark.parametrize("num_proc", ["auto", 2])
+def test_prepare_writes_splits_blocks_and_stats(tmp_path, corpus, tiny_model, num_proc):
     from datasets import load_from_disk
 
     _, tokenizer = tiny_model
     path, docs = corpus
-    params = PrepareParams(block_size=16, test_fraction=0.2, validation_fraction=0.1)
+    params = PrepareParams(
+        block_size=16, test_fraction=0.2, validation_fraction=0.1, num_proc=num_proc
+    )
     out = tmp_path / "prepared"
     stats = prepare(params, path, tokenizer, out)
     assert sorted(p.name for p in out.iterdir()) == ["stats.json", "test", "train", "validation"]
@@ -364,3 +404,24 @@ def test_chat_data_for_a_model_without_a_chat_template(tmp_path, tiny_model):
         "use an instruct/chat model (base_model.source) or set prepare.format: text"
     )
     assert not (tmp_path / "prepared").exists()
+
+
+def test_records_of_one_file_are_read_from_it_and_rows_are_picked(tmp_path, corpus, monkeypatch):
+    import datasets
+    import numpy as np
+
+    from steps.prepare import column_batches
+    from steps.records import read_records
+
+    path, docs = corpus
+    monkeypatch.setenv("LLMPIPE_CACHE", str(tmp_path / "cache"))
+    ds = read_records(path, PrepareParams()).dataset
+    assert len(ds.cache_files) == 1
+    with monkeypatch.context() as m:  # not through the memory map (datasets' iter)
+        m.setattr(datasets.Dataset, "iter", lambda *a, **k: pytest.fail("read through the map"))
+        assert [t for b in column_batches(ds, "text", batch_size=7) for t in b] == docs
+        rows = np.array([0, 5, 6, 59])
+        picked = [t for b in column_batches(ds, "text", rows) for t in b]
+        assert picked == [docs[i] for i in rows]
+    selected = ds.select([3, 1])  # a selection is read through datasets
+    assert [t for b in column_batches(selected, "text") for t in b] == [docs[3], docs[1]]
