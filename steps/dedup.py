@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -26,6 +26,8 @@ NUM_PERM = 128  # MinHash permutations: the Jaccard estimate's standard error is
 SHINGLE = 5  # words per shingle
 SLACK = 0.25  # how far below the threshold a shared-shingle share still gets a MinHash
 _WORD = re.compile(r"\w+")
+_HIGH = np.uint64(0xFFFFFFFF00000000)
+_LOW = np.uint64(0xFFFFFFFF)
 _MULTIPLIERS = np.array(
     [
         0x9E3779B97F4A7C15,
@@ -100,24 +102,30 @@ def shingle_hashes(text: str, word_hashes: _WordHashes) -> np.ndarray:
 
 
 class _HeldOut:
-    """The test records' shingle hashes, sorted, with the record each belongs to."""
+    """The test records' shingle hashes: a bitmap of their low bits, and their high 32 bits
+    sorted with the record each belongs to (one uint64 key each, high bits above the record's
+    number, sorted in place: ~8 bytes per shingle, the texts themselves not kept)."""
 
-    def __init__(self, test: list[str], word_hashes: _WordHashes) -> None:
+    def __init__(self, test: Iterable[str], word_hashes: _WordHashes) -> None:
         per_text = [shingle_hashes(t, word_hashes) for t in test]
-        hashes = np.concatenate(per_text) if per_text else np.empty(0, dtype=np.uint64)
-        owners = np.repeat(np.arange(len(test), dtype=np.int32), [len(h) for h in per_text])
-        order = np.argsort(hashes, kind="stable")
-        self.hashes, self.owners = hashes[order], owners[order]
-        # A bitmap of the hashes' low bits, 16 or more bits per distinct hash: a lookup is one
-        # memory access (a binary search over millions of hashes is ~22), and a hash it wrongly
-        # reports shared (~1 in 16) only makes a record a candidate sooner, never hides one.
-        bits = max(20, min(32, int(np.ceil(np.log2(max(len(hashes), 1) * 16)))))
+        self.size = len(per_text)
+        total = sum(len(h) for h in per_text)
+        # A bitmap of the hashes' low bits, 16 or more bits per hash: a lookup is one memory
+        # access (a binary search over millions of hashes is ~22), and a hash it wrongly reports
+        # shared (~1 in 16) only makes a record a candidate sooner, never hides one.
+        bits = max(20, min(32, int(np.ceil(np.log2(max(total, 1) * 16)))))
         self.mask = np.uint64((1 << bits) - 1)
         self.bitmap = np.zeros(1 << (bits - 3), dtype=np.uint8)
-        low = hashes & self.mask
-        np.bitwise_or.at(
-            self.bitmap, low >> np.uint64(3), np.left_shift(1, low & np.uint64(7)).astype(np.uint8)
-        )
+        self.keys = np.empty(total, dtype=np.uint64)
+        at = 0
+        for k, h in enumerate(per_text):
+            low = h & self.mask
+            bit = np.left_shift(1, low & np.uint64(7)).astype(np.uint8)
+            np.bitwise_or.at(self.bitmap, low >> np.uint64(3), bit)
+            self.keys[at : at + len(h)] = (h & _HIGH) | np.uint64(k)
+            at += len(h)
+            per_text[k] = None  # each text's hashes go as soon as they are in the keys
+        self.keys.sort()
 
     def shared_counts(self, per_text: list[np.ndarray]) -> np.ndarray:
         """For each text's distinct shingle hashes, about how many some test record has too (an
@@ -132,30 +140,42 @@ class _HeldOut:
         return running[ends] - running[ends - sizes]
 
     def partners(self, hashes: np.ndarray, need: float) -> np.ndarray:
-        """The test records that share at least `need` of `hashes`."""
-        lo = np.searchsorted(self.hashes, hashes, side="left")
-        hi = np.searchsorted(self.hashes, hashes, side="right")
+        """The test records that share at least `need` of `hashes` (counted on the hashes' high
+        32 bits: a collision there only over-counts)."""
+        high = np.unique(hashes & _HIGH)
+        lo = np.searchsorted(self.keys, high, side="left")
+        hi = np.searchsorted(self.keys, high | _LOW, side="right")
         found = hi > lo
-        spans = [self.owners[a:b] for a, b in zip(lo[found], hi[found], strict=True)]
+        spans = [self.keys[a:b] & _LOW for a, b in zip(lo[found], hi[found], strict=True)]
         if not spans:
-            return np.empty(0, dtype=np.int32)
+            return np.empty(0, dtype=np.int64)
         owners, counts = np.unique(np.concatenate(spans), return_counts=True)
-        return owners[counts >= need]
+        return owners[counts >= need].astype(np.int64)
 
 
 BATCH = 512  # train texts whose shingles are looked up in the held-out ones at once
 
 
-def near_duplicates(train: Iterable[str], test: list[str], threshold: float) -> list[int]:
+def near_duplicates(
+    train: Iterable[str],
+    test: Iterable[str],
+    threshold: float,
+    test_text: Callable[[int], str] | None = None,
+) -> list[int]:
     """Indices of `train` texts whose estimated Jaccard similarity to some `test` text is at least
     `threshold` (MinHash LSH over word 5-grams; MinHashes only where the shared shingles allow
-    the threshold, as the module docstring says)."""
+    the threshold, as the module docstring says). `test` is read once; the few test texts a
+    MinHash is needed for come from `test_text(k)` when given (so a large test split need not be
+    held), else from `test` itself, which must then be a sequence."""
     from datasketch import MinHashLSH
 
-    if not test or threshold > 1:
+    if threshold > 1:
         return []
     word_hashes = _WordHashes()
     held_out = _HeldOut(test, word_hashes)
+    if not held_out.size:
+        return []
+    test_text = test_text or test.__getitem__
     lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
     test_minhashes: dict[int, object] = {}
     floor = threshold - SLACK
@@ -171,7 +191,7 @@ def near_duplicates(train: Iterable[str], test: list[str], threshold: float) -> 
                 continue
             for k in partners.tolist():
                 if k not in test_minhashes:
-                    test_minhashes[k] = minhash(test[k])
+                    test_minhashes[k] = minhash(test_text(k))
                     lsh.insert(str(k), test_minhashes[k])
             m = minhash(texts[j])  # LSH finds candidates; their estimated similarity decides
             if any(m.jaccard(test_minhashes[int(k)]) >= threshold for k in lsh.query(m)):

@@ -210,13 +210,12 @@ def deduplicated_splits(records: Records, params: PrepareParams, data: Path):
     rows, exact = split_rows(records, params, data)
     kind, ds = records.kind, records.dataset
     key = record_key(kind)
-    test_texts = [record_text(kind, row) for row in rows_of(ds, kind, rows["test"])]
     near = near_duplicates(
         (record_text(kind, row) for row in rows_of(ds, kind, rows["train"])),
-        test_texts,
+        (record_text(kind, row) for row in rows_of(ds, kind, rows["test"])),
         params.near_duplicate_threshold,
+        test_text=lambda k: record_text(kind, ds[int(rows["test"][k])]),
     )
-    del test_texts
     if near:
         rows["train"] = np.delete(rows["train"], near)
         if not len(rows["train"]):
@@ -284,12 +283,42 @@ def write_text_splits(ds, rows, params: PrepareParams, tokenizer, tmp: Path, dat
             "blocks": blocks,
             "length_histogram": length_histogram(lengths, params.block_size),
         }
+    characters = write_texts(column_batches(ds, "text", rows["test"]), tmp / "test", scratch)
     shutil.rmtree(scratch)
-    test = ds.select(rows["test"]).select_columns(["text"])
-    test.save_to_disk(str(tmp / "test"), num_shards=1)
-    characters = sum(len(t) for texts in column_batches(ds, "text", rows["test"]) for t in texts)
     stats["test"] = {"records": len(rows["test"]), "characters": characters}
     return stats
+
+
+def write_texts(batches, out: Path, scratch: Path) -> int:
+    """Batches of texts as a dataset of one `text` column, written a batch at a time; returns
+    the number of characters."""
+    import pyarrow as pa
+    from datasets import Features, Value
+    from datasets.arrow_writer import ArrowWriter
+
+    features = Features({"text": Value("string")})
+    path = scratch / f"texts-{uuid.uuid4().hex}.arrow"
+    characters = 0
+    with ArrowWriter(features=features, path=str(path)) as writer:
+        for texts in batches:
+            writer.write_table(pa.table({"text": pa.array(texts, pa.string())}))
+            characters += sum(len(t) for t in texts)
+        writer.finalize()
+    install_dataset(path, features, out)
+    return characters
+
+
+def install_dataset(arrow_file: Path, features, out: Path) -> None:
+    """An Arrow file written by datasets' ArrowWriter, as a dataset at `out` that load_from_disk
+    reads, without reading the file back (save_to_disk would, through a memory map that keeps
+    every page read in this process's RSS): an empty dataset of the same features is saved at
+    `out`, and the one data file its state names is replaced by `arrow_file`."""
+    from datasets import Dataset
+
+    empty = Dataset.from_dict({name: [] for name in features}, features=features)
+    empty.save_to_disk(str(out), num_shards=1)
+    [data_file] = json.loads((out / "state.json").read_text())["_data_files"]
+    os.replace(arrow_file, out / data_file["filename"])
 
 
 def num_procs(requested: int | str, records: int) -> int:
@@ -306,7 +335,7 @@ def write_blocks(batches, eos_id: int, block_size: int, out: Path, scratch: Path
     numpy, written a batch of blocks at a time (int32); returns every document's length (EOS
     included) and the number of blocks."""
     import pyarrow as pa
-    from datasets import Dataset, Features, Sequence, Value
+    from datasets import Features, Sequence, Value
     from datasets.arrow_writer import ArrowWriter
 
     features = Features({"input_ids": Sequence(Value("int32"))})
@@ -330,11 +359,8 @@ def write_blocks(batches, eos_id: int, block_size: int, out: Path, scratch: Path
                 blocks += full
             carry = stream[full * block_size :].copy()
             lengths.append(n)
-        if not blocks:  # an empty file has no schema to load
-            empty = pa.ListArray.from_arrays(pa.array([0], pa.int32()), pa.array([], pa.int32()))
-            writer.write_table(pa.table({"input_ids": empty}))
         writer.finalize()
-    Dataset.from_file(str(path)).save_to_disk(str(out), num_shards=1)
+    install_dataset(path, features, out)
     return (np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)), blocks
 
 
