@@ -300,6 +300,11 @@ COMMANDS: dict[str, Row] = {
     "python -m steps.stages --write": Run(("wrote",), after=ACTIVATE, check=dvc_yaml_unchanged),
     "dvc repro base_model": Run(("'base_model' didn't change",), after=ACTIVATE),
     ".venv/bin/python benchmarks/evaluate.py --quick": Run(('{"benchmark": "evaluate"',)),
+    ".venv/bin/python benchmarks/prepare.py --quick": Run(
+        ('{"benchmark": "prepare"',),
+        timeout=1200,
+        slow="generates a 100 MB corpus and prepares it twice (~2 min on 2 idle cores)",
+    ),
     ".venv/bin/python benchmarks/precision.py --quick": Run(
         ('{"benchmark": "precision"',),
         timeout=1200,
