@@ -130,10 +130,10 @@ def record_text(kind: str, row: dict) -> str:
 def column_batches(ds, column: str, rows: np.ndarray | None = None, batch_size: int = 1000):
     """The values of `column` a batch at a time, of the rows `rows` (ascending) or of all.
 
-    A dataset that is one Arrow file, as the records read from a .jsonl or .txt file are, is read
-    from that file rather than through its memory map: a mapped page read stays in this process's
-    resident memory (and in every worker forked from it) until the map is closed, so reading a
-    1 GB corpus that way costs 1 GB of RSS; read, it passes through the page cache."""
+    A dataset that is its Arrow files, as the records read from a .jsonl or .txt file are, is
+    read from those files rather than through their memory map: a mapped page read stays in this
+    process's resident memory (and in every worker forked from it) until the map is closed, so
+    reading a 1 GB corpus that way costs 1 GB of RSS; read, it passes through the page cache."""
     import pyarrow as pa
 
     wanted = None
@@ -141,10 +141,10 @@ def column_batches(ds, column: str, rows: np.ndarray | None = None, batch_size: 
         wanted = np.zeros(len(ds), dtype=bool)
         wanted[rows] = True
     files = [f["filename"] for f in ds.cache_files]
-    if len(files) != 1 or ds.data.num_rows != len(ds):  # several files, or a selection of rows
+    if not files or ds.data.num_rows != len(ds):  # in memory, or a selection of rows
         batches = (b[column] for b in ds.select_columns([column]).iter(batch_size=batch_size))
-    else:
-        batches = _file_batches(pa, files[0], column, len(ds))
+    else:  # the files in order (datasets writes a large corpus as several)
+        batches = _file_batches(pa, files, column, len(ds))
     start = 0
     for values in batches:
         end = start + len(values)
@@ -156,14 +156,15 @@ def column_batches(ds, column: str, rows: np.ndarray | None = None, batch_size: 
         start = end
 
 
-def _file_batches(pa, path: str, column: str, rows: int) -> Iterator[list]:
+def _file_batches(pa, paths: list[str], column: str, rows: int) -> Iterator[list]:
     seen = 0
-    with pa.OSFile(path) as source:
-        for batch in pa.ipc.open_stream(source):
-            seen += batch.num_rows
-            yield batch.column(column).to_pylist()
-    if seen != rows:  # the file is not the dataset's rows in order: a bug, never a wrong split
-        raise RuntimeError(f"{path} holds {seen} rows, its dataset {rows}")
+    for path in paths:
+        with pa.OSFile(path) as source:
+            for batch in pa.ipc.open_stream(source):
+                seen += batch.num_rows
+                yield batch.column(column).to_pylist()
+    if seen != rows:  # the files are not the dataset's rows: a bug, never a wrong split
+        raise RuntimeError(f"{paths} hold {seen} rows, their dataset {rows}")
 
 
 def rows_of(ds, kind: str, rows: np.ndarray | None = None) -> Iterator[dict]:

@@ -423,5 +423,11 @@ def test_records_of_one_file_are_read_from_it_and_rows_are_picked(tmp_path, corp
         rows = np.array([0, 5, 6, 59])
         picked = [t for b in column_batches(ds, "text", rows) for t in b]
         assert picked == [docs[i] for i in rows]
+    ds.save_to_disk(str(tmp_path / "shards"), num_shards=3)  # as datasets writes 1 GB
+    sharded = datasets.load_from_disk(str(tmp_path / "shards"))
+    assert len(sharded.cache_files) == 3
+    with monkeypatch.context() as m:
+        m.setattr(datasets.Dataset, "iter", lambda *a, **k: pytest.fail("read through the map"))
+        assert [t for b in column_batches(sharded, "text", rows) for t in b] == picked
     selected = ds.select([3, 1])  # a selection is read through datasets
     assert [t for b in column_batches(selected, "text") for t in b] == [docs[3], docs[1]]
