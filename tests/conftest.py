@@ -22,10 +22,11 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)  # each test project uses its own ml
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-# `make test` runs the tests on two pytest-xdist workers (`-n 2 --dist loadgroup`): each worker
-# builds its own session fixtures (in its own temporary directories), and the tests of one
-# xdist_group all run on one worker, one after another: group "fixed-ports" holds the tests that
-# bind a port the README names (4200, 5000, 5001), which must never run at the same time.
+# With `make test TEST_WORKERS=2` (`-n 2 --dist loadgroup`) each worker builds its own session
+# fixtures (in its own temporary directories), and the tests of one xdist_group are meant to run
+# on one worker: group "fixed-ports" holds the tests that bind a port the README names (4200, 5000,
+# 5001). Measured: the README walk's tests still ran on both workers (their ports collided), so
+# `make test` runs in one process by default.
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
