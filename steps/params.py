@@ -127,6 +127,42 @@ class TrainParams(_Section):
         description="'all-linear' (attention and MLP projections, not the output head) or Linear "
         "module names, a list or comma-separated (q_proj,v_proj)",
     )
+    nproc_per_node: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="training processes per machine (one per GPU; on a CPU, each gets cores / "
+        "nproc threads); above 1, or with nnodes above 1, the stage runs under torchrun and "
+        "batch_size and gradient_accumulation_steps are per process (steps/distributed.py)",
+    )
+    nnodes: int = Field(
+        1, ge=1, le=4096, description="machines training together (each runs the train stage)"
+    )
+    rdzv_endpoint: str = Field(
+        "",
+        description="host:port of the rendezvous (the first machine) when nnodes > 1; one machine "
+        "uses torchrun --standalone (a free loopback port)",
+    )
+    rdzv_id: str = Field(
+        "llmpipe", min_length=1, description="rendezvous id shared by the machines of one run"
+    )
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="with several processes: ddp = a full replica each, gradients averaged; fsdp "
+        "= parameters, gradients and optimizer state sharded across them (FSDP2)",
+    )
+
+    @model_validator(mode="after")
+    def _rendezvous(self) -> TrainParams:
+        if self.nnodes > 1:
+            host, sep, port = self.rdzv_endpoint.rpartition(":")
+            if not (sep and host and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(
+                    f"train.rdzv_endpoint must be host:port of the first machine when "
+                    f"train.nnodes is {self.nnodes} (e.g. 10.0.0.1:29500); got "
+                    f"{self.rdzv_endpoint!r}"
+                )
+        return self
 
 
 class EvaluateParams(_Section):

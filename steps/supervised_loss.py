@@ -128,13 +128,19 @@ def supervised_trainer_class():
             backbone, head = parts
             features = {k: v for k, v in inputs.items() if k != "labels"}
             labels = inputs["labels"]
+            # Given a count, it is every process's supervised tokens (the Trainer gathers them);
+            # the loss is scaled back by the process count as the stock compute_loss scales it
+            # (DDP averages the gradients; the evaluation loop averages the losses)
+            scale = 1
             if num_items_in_batch is None:
                 num_items_in_batch = (labels[:, 1:] != IGNORE).sum()
+            elif self.args.average_tokens_across_devices:
+                scale = self.accelerator.num_processes
             # The Trainer's mixed precision wraps the model's own forward; the backbone and head
             # called here bypass it, so they enter the same autocast themselves (bf16 or none)
             with self.accelerator.autocast():
                 hidden = backbone(**features).last_hidden_state
-                loss = nll_sum(hidden, head, labels) / num_items_in_batch
+                loss = nll_sum(hidden, head, labels) / num_items_in_batch * scale
             return (loss, {"loss": loss}) if return_outputs else loss
 
     return SupervisedTokensTrainer

@@ -4,16 +4,17 @@
         --checkpoints checkpoints --out models/tuned --metrics metrics/train.json \
         --loss-curve metrics/train_loss.csv                          # the DVC stage `train`
 
-One process; bf16 autocast where the device multiplies bf16 natively (a CUDA GPU that supports it,
-a CPU with AVX512-BF16 or AMX), fp32 elsewhere (`train.precision: auto`, steps/precision.py).
-With several visible GPUs the Trainer wraps the model in DataParallel; nothing launches `torchrun`
-(DDP) yet. Checkpoints go to <checkpoints>/train-<fingerprint>/, outside DVC's outs (DVC
-deletes outs before a stage runs), so a retried or interrupted run with the same inputs resumes from
-the last one; they are deleted once the model is saved. Inside a flow (MLFLOW_RUN_ID set) the loss
-curve is logged to the flow's MLflow run by the Trainer's own MLflow callback. The Trainer is
-transformers' own with one change: its loss runs the vocabulary projection only at positions that
-carry a label, a chunk at a time (steps/supervised_loss.py), the stock loss to float rounding;
-and on a CPU, packed chat blocks attend one conversation at a time (steps/packed_attention.py).
+bf16 autocast where the device multiplies bf16 natively (a CUDA GPU that supports it, a CPU with
+AVX512-BF16 or AMX), fp32 elsewhere (`train.precision: auto`, steps/precision.py). One process by
+default; with `train.nproc_per_node` (and `train.nnodes`) above 1 the stage re-runs itself under
+torchrun, one rank per process, DDP or FSDP (steps/distributed.py). Checkpoints go to
+<checkpoints>/train-<fingerprint>/, outside DVC's outs (DVC deletes outs before a stage runs), so a
+retried or interrupted run with the same inputs resumes from the last one; they are deleted once the
+model is saved. Inside a flow (MLFLOW_RUN_ID set) the loss curve is logged to the flow's MLflow run
+by the Trainer's own MLflow callback. The Trainer is transformers' own with one change: its loss
+runs the vocabulary projection only at positions that carry a label, a chunk at a time
+(steps/supervised_loss.py), the stock loss to float rounding; and on a CPU, packed chat blocks
+attend one conversation at a time (steps/packed_attention.py).
 
 `train.method` picks what trains: every weight (full), LoRA adapters (lora) or LoRA adapters on a
 4-bit base (qlora, CUDA only), through steps/lora.py. The out dir always holds a plain model; with
@@ -27,12 +28,13 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from steps import lora
+from steps import distributed, lora
 from steps.arguments import stage_arguments
 from steps.chat import packed_batch
 from steps.errors import UserError
@@ -99,6 +101,7 @@ def training_arguments(params: TrainParams, output_dir: Path):
 
     report_to = ["mlflow"] if os.environ.get("MLFLOW_RUN_ID") else "none"
     bf16 = use_bf16(params.precision)
+    several = distributed.current_world() > 1
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=params.max_steps,
@@ -110,7 +113,11 @@ def training_arguments(params: TrainParams, output_dir: Path):
         weight_decay=params.weight_decay,
         lr_scheduler_type=params.lr_scheduler,
         bf16=bf16,
-        use_cpu=bf16 and not torch.cuda.is_available(),  # the Trainer's condition for CPU bf16
+        # the Trainer's condition for CPU bf16, and for gloo between CPU processes
+        use_cpu=(bf16 or several) and not torch.cuda.is_available(),
+        # every trainable weight gets a gradient in every step: DDP need not search for unused ones
+        ddp_find_unused_parameters=False if several else None,
+        **fsdp_arguments(params, several),
         seed=params.seed,
         data_seed=params.seed,
         logging_steps=max(1, params.max_steps // 50),  # ~50 points on the loss curve
@@ -124,6 +131,14 @@ def training_arguments(params: TrainParams, output_dir: Path):
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
     )
+
+
+def fsdp_arguments(params: TrainParams, several: bool) -> dict:
+    """FSDP (version 2) through the Trainer and accelerate: each decoder layer a unit of its own,
+    its parameters gathered for its forward and backward and resharded after them."""
+    if not (several and params.distributed == "fsdp"):
+        return {}
+    return {"fsdp": True, "fsdp_config": {"version": 2, "reshard_after_forward": True}}
 
 
 def make_trainer(model, args, train_set, callbacks: list | None = None, collate=None):
@@ -157,12 +172,7 @@ def train(
     from transformers import AutoTokenizer
     from transformers.integrations import MLflowCallback
 
-    lora.check_method(params)  # before any data or weights are read
-    lora.check_targets(base_dir, params)
-    if not (data_dir / "train").is_dir():
-        raise UserError(
-            f"{data_dir}/train: missing; run the prepare stage first (dvc repro prepare)"
-        )
+    check_inputs(params, base_dir, data_dir)
     train_set = load_from_disk(str(data_dir / "train"))
     validation = load_from_disk(str(data_dir / "validation"))
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -188,8 +198,10 @@ def train(
     seconds = time.perf_counter() - started
     trainer.remove_callback(MLflowCallback)  # it would open a stray run for the evaluation
     trainable, total = lora.parameter_counts(model)
+    world = distributed.current_world()
     metrics = {
         "method": params.method,
+        "world_size": world,
         "trainable_parameters": trainable,
         "total_parameters": total,
         "train_loss": train_loss,
@@ -198,10 +210,14 @@ def train(
         "tokens_seen": steps
         * params.batch_size
         * params.gradient_accumulation_steps
+        * world
         * len(train_set[0]["input_ids"]),
     }
-    if len(validation):
+    if len(validation):  # every rank scores its share
         metrics["eval_loss"] = trainer.evaluate(eval_dataset=validation)["eval_loss"]
+    if not distributed.is_main_process():
+        return metrics
+    if "eval_loss" in metrics:
         log_to_flow_run(metrics={"eval_loss": metrics["eval_loss"]})
     with atomic_dir(out_dir) as tmp:
         save_model(trainer, params, base_dir, tmp)
@@ -210,6 +226,16 @@ def train(
     write_json(metrics_file, metrics)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return metrics
+
+
+def check_inputs(params: TrainParams, base_dir: Path, data_dir: Path) -> None:
+    """What would fail later, in one line, before any data or weights are read."""
+    lora.check_method(params)
+    lora.check_targets(base_dir, params)
+    if not (data_dir / "train").is_dir():
+        raise UserError(
+            f"{data_dir}/train: missing; run the prepare stage first (dvc repro prepare)"
+        )
 
 
 def trainable_model(params: TrainParams, base_dir: Path):
@@ -261,9 +287,17 @@ def write_loss_curve(history: list[dict], path: Path) -> None:
 
 def main() -> dict:
     args = stage_arguments()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    params = load_params(args.params).train
+    if distributed.needs_launch(params):
+        distributed.check(params)
+        check_inputs(params, args.base_model, args.prepared)  # before any process starts
+        return distributed.launch(params, sys.argv[1:])
+    if distributed.launched():
+        distributed.enter_rank()
+    else:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
     metrics = train(
-        load_params(args.params).train,
+        params,
         args.base_model,
         args.prepared,
         args.out,
@@ -271,7 +305,8 @@ def main() -> dict:
         args.loss_curve,
         args.checkpoints,
     )
-    print("train: " + json.dumps(metrics))
+    if distributed.is_main_process():
+        print("train: " + json.dumps(metrics))
     return metrics
 
 

@@ -213,6 +213,12 @@ def data_points_at_the_new_file(walk: Walk, output: str) -> None:
     assert "data: data/raw/support-tickets.jsonl" in params, "prepare.data was not updated"
 
 
+def trained_on_two_ranks(walk: Walk, output: str) -> None:
+    metrics = json.loads((walk.project / "metrics/train.json").read_text())
+    assert metrics["world_size"] == 2, f"the train stage ran as {metrics['world_size']} process(es)"
+    assert "torch.distributed.run --nproc-per-node=2 --standalone" in output
+
+
 def nothing_written(walk: Walk, output: str) -> None:
     assert (walk.project / "models/base/config.json").is_file(), (
         "the failed run deleted models/base (the README: bad input stops the run before anything "
@@ -261,6 +267,7 @@ SWEEP = ".venv/bin/llmpipe sweep -S train.learning_rate=1e-4,3e-4 -S train.max_s
 API_4200 = "PREFECT_API_URL=http://127.0.0.1:4200/api"
 PROMOTE_FORCED = '.venv/bin/llmpipe promote 2 --force --reason "v1 answers support questions badly"'
 CHAT_QUESTION = 'echo "What does textwrap.dedent do?" | .venv/bin/llmpipe chat'
+DDP_RUN = ".venv/bin/llmpipe run -S train.nproc_per_node=2 -S train.gradient_accumulation_steps=2"
 OWN_CHAT = ".venv/bin/llmpipe run -S prepare.data=data/raw/support_chats.jsonl -S train.method=lora"
 
 # In the order a user runs them: `make run` first. A new README command needs a row here.
@@ -349,6 +356,7 @@ COMMANDS: dict[str, Row] = {
     ),
     ".venv/bin/llmpipe rollback": Run(("champion rolled back from version 2 to version 1",)),
     ".venv/bin/llmpipe promote 2": Run(("error: version 2 does not pass the gate",), status=2),
+    DDP_RUN: Run(("llmpipe run finished",), timeout=900, check=trained_on_two_ranks),
     SWEEP: Run(
         ("sweep ",),
         timeout=1800,

@@ -1,0 +1,126 @@
+"""The train stage on several processes: torchrun launches them, the Trainer shards the work.
+
+    train: {nproc_per_node: 2}                       # params.yaml: 2 processes on this machine
+    train: {nproc_per_node: 8, nnodes: 2, rdzv_endpoint: 10.0.0.1:29500}   # 2 machines x 8 GPUs
+
+`python -m steps.train ...` (the DVC stage, unchanged) sees a world of more than one process and
+re-runs itself under `python -m torch.distributed.run` (torchrun): `--standalone` on one machine (a
+free loopback port for the rendezvous), c10d at `train.rdzv_endpoint` across machines, where every
+machine runs the same stage. Each process is one rank: the Trainer (through accelerate) sees
+torchrun's environment, joins the process group (NCCL on GPUs, gloo on CPUs) and wraps the model in
+DDP, or FSDP (version 2) with `train.distributed: fsdp`; each rank draws its own micro-batches from
+the same shuffled order, so a step of N processes x B blocks is the step one process would take with
+N x B (batch_size and gradient_accumulation_steps are per process). Only rank 0 writes the stage's
+outputs and its outcome record (steps/outcome.py); the launching process reads that record and
+reports it as its own, so the flow sees one stage either way.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from steps.errors import UserError
+from steps.outcome import OUTCOME_ENV, leave_for_the_flow, read_outcome
+from steps.params import TrainParams
+
+RANK_OUTCOME = "outcome-rank0.json"
+
+
+def world_size(params: TrainParams) -> int:
+    return params.nproc_per_node * params.nnodes
+
+
+def launched() -> bool:
+    """True inside a process torchrun started (it sets LOCAL_RANK and WORLD_SIZE)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def current_world() -> int:
+    """Processes training together: WORLD_SIZE under torchrun, else 1."""
+    return int(os.environ.get("WORLD_SIZE", "1")) if launched() else 1
+
+
+def needs_launch(params: TrainParams) -> bool:
+    return world_size(params) > 1 and not launched()
+
+
+def check(params: TrainParams) -> None:
+    """What cannot work, before any process starts."""
+    gpus = torch.cuda.device_count()
+    if gpus and params.nproc_per_node > gpus:
+        raise UserError(
+            f"params.yaml: 'train.nproc_per_node' is {params.nproc_per_node} but this machine "
+            f"has {gpus} CUDA device(s); one process per GPU"
+        )
+
+
+def torchrun_command(params: TrainParams, argv: list[str]) -> list[str]:
+    """The command that runs `python -m steps.train argv` as nproc_per_node ranks here."""
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    cmd.append(f"--nproc-per-node={params.nproc_per_node}")
+    if params.nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        cmd += [
+            f"--nnodes={params.nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={params.rdzv_endpoint}",
+            f"--rdzv-id={params.rdzv_id}",
+        ]
+    return [*cmd, "-m", "steps.train", *argv]
+
+
+def launch(params: TrainParams, argv: list[str]) -> dict[str, Any]:
+    """Run the train stage as a torchrun job; return rank 0's facts (its outcome record), and hand
+    on its requests for the flow's MLflow run. A user error in rank 0 is raised here as one."""
+    with tempfile.TemporaryDirectory(prefix="llmpipe-ranks-") as tmp:
+        rank_outcome = Path(tmp) / RANK_OUTCOME
+        env = {**os.environ, OUTCOME_ENV: str(rank_outcome)}
+        env.setdefault("OMP_NUM_THREADS", str(rank_threads(params.nproc_per_node)))
+        cmd = torchrun_command(params, argv)
+        print(f"train: {world_size(params)} processes: {' '.join(cmd[1:])}", flush=True)
+        code = subprocess.call(cmd, env=env)
+        record = read_outcome(rank_outcome) or {}
+    if record.get("status") == "user_error":
+        raise UserError(record["message"])
+    if code != 0 or record.get("status") != "ran":
+        why = record.get("message") or f"torchrun exited with {code}"
+        raise RuntimeError(f"distributed training failed: {why}")
+    if record.get("log"):
+        leave_for_the_flow(record["log"])
+    return record.get("facts", {})
+
+
+def rank_threads(local_world: int) -> int:
+    """CPU threads per rank: the cores shared out, at least one each."""
+    return max(1, (os.cpu_count() or 1) // max(1, local_world))
+
+
+def enter_rank() -> None:
+    """In a process torchrun started: only rank 0 keeps the outcome record; the rank dies with
+    torchrun (which starts each rank in a session of its own, out of reach of a signal to the
+    stage's process group); CPU threads are shared out among this machine's ranks."""
+    if rank() != 0:
+        os.environ.pop(OUTCOME_ENV, None)
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(rank_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
