@@ -20,7 +20,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -33,6 +32,7 @@ from steps.outcome import OUTCOME_ENV, leave_for_the_flow, read_outcome
 from steps.params import TrainParams
 
 RANK_OUTCOME = "outcome-rank0.json"
+LAUNCHER_ENV = "LLMPIPE_TRAIN_LAUNCHER_PID"  # the process that ran torchrun: the ranks' parent
 
 
 def world_size(params: TrainParams) -> int:
@@ -67,10 +67,10 @@ def check(params: TrainParams) -> None:
         )
 
 
-def torchrun_command(params: TrainParams, argv: list[str]) -> list[str]:
-    """The command that runs `python -m steps.train argv` as nproc_per_node ranks here."""
-    cmd = [sys.executable, "-m", "torch.distributed.run"]
-    cmd.append(f"--nproc-per-node={params.nproc_per_node}")
+def torchrun_arguments(params: TrainParams, argv: list[str]) -> list[str]:
+    """torchrun's command line (less `torchrun`) that runs `python -m steps.train argv` as
+    nproc_per_node ranks on this machine."""
+    cmd = [f"--nproc-per-node={params.nproc_per_node}"]
     if params.nnodes == 1:
         cmd.append("--standalone")
     else:
@@ -85,19 +85,38 @@ def torchrun_command(params: TrainParams, argv: list[str]) -> list[str]:
 
 def launch(params: TrainParams, argv: list[str]) -> dict[str, Any]:
     """Run the train stage as a torchrun job; return rank 0's facts (its outcome record), and hand
-    on its requests for the flow's MLflow run. A user error in rank 0 is raised here as one."""
+    on its requests for the flow's MLflow run. A user error in rank 0 is raised here as one.
+
+    torchrun runs in this process (its `run()`, as its command line calls it), so the ranks are
+    this process's children: each is killed when this process dies (enter_rank), however it dies,
+    and a rank that finds another parent (this one gone before the rank could ask) exits."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = torchrun_arguments(params, argv)
+    print(f"train: {world_size(params)} processes: torchrun {' '.join(args)}", flush=True)
+    saved = {name: os.environ.get(name) for name in (OUTCOME_ENV, LAUNCHER_ENV, "OMP_NUM_THREADS")}
     with tempfile.TemporaryDirectory(prefix="llmpipe-ranks-") as tmp:
         rank_outcome = Path(tmp) / RANK_OUTCOME
-        env = {**os.environ, OUTCOME_ENV: str(rank_outcome)}
-        env.setdefault("OMP_NUM_THREADS", str(rank_threads(params.nproc_per_node)))
-        cmd = torchrun_command(params, argv)
-        print(f"train: {world_size(params)} processes: {' '.join(cmd[1:])}", flush=True)
-        code = subprocess.call(cmd, env=env)
+        os.environ[OUTCOME_ENV] = str(rank_outcome)  # the ranks inherit this process's environment
+        os.environ[LAUNCHER_ENV] = str(os.getpid())
+        os.environ.setdefault("OMP_NUM_THREADS", str(rank_threads(params.nproc_per_node)))
+        failure = None
+        try:
+            run(parse_args(args))
+        except ChildFailedError as err:
+            failure = "; ".join(f"rank {r}: {f.message}" for r, f in err.failures.items())
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
         record = read_outcome(rank_outcome) or {}
     if record.get("status") == "user_error":
         raise UserError(record["message"])
-    if code != 0 or record.get("status") != "ran":
-        why = record.get("message") or f"torchrun exited with {code}"
+    if failure or record.get("status") != "ran":
+        why = record.get("message") or failure or "rank 0 left no outcome"
         raise RuntimeError(f"distributed training failed: {why}")
     if record.get("log"):
         leave_for_the_flow(record["log"])
@@ -110,14 +129,19 @@ def rank_threads(local_world: int) -> int:
 
 
 def enter_rank() -> None:
-    """In a process torchrun started: only rank 0 keeps the outcome record; the rank dies with
-    torchrun (which starts each rank in a session of its own, out of reach of a signal to the
-    stage's process group); CPU threads are shared out among this machine's ranks."""
+    """In a process torchrun started: only rank 0 keeps the outcome record; the rank is killed
+    when its launcher dies (torchrun starts each rank in a session of its own, out of reach of a
+    signal to the stage's process group; SIGKILL, since a rank waiting in a collective for a rank
+    already gone runs no Python signal handler); CPU threads are shared out among this machine's
+    ranks."""
     if rank() != 0:
         os.environ.pop(OUTCOME_ENV, None)
     if sys.platform == "linux":
         pr_set_pdeathsig = 1
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+        launcher = os.environ.get(LAUNCHER_ENV)
+        if launcher and os.getppid() != int(launcher):  # it died before the line above
+            os._exit(1)
     if not torch.cuda.is_available():
         torch.set_num_threads(rank_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 

@@ -216,7 +216,7 @@ def data_points_at_the_new_file(walk: Walk, output: str) -> None:
 def trained_on_two_ranks(walk: Walk, output: str) -> None:
     metrics = json.loads((walk.project / "metrics/train.json").read_text())
     assert metrics["world_size"] == 2, f"the train stage ran as {metrics['world_size']} process(es)"
-    assert "torch.distributed.run --nproc-per-node=2 --standalone" in output
+    assert "torchrun --nproc-per-node=2 --standalone" in output
 
 
 def nothing_written(walk: Walk, output: str) -> None:

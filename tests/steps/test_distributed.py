@@ -111,7 +111,7 @@ def test_two_cpu_processes_follow_one_process_loss_curve(tmp_path, text_project,
         outcome,
     )
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    assert "torch.distributed.run --nproc-per-node=2 --standalone" in ddp.stdout
+    assert "torchrun --nproc-per-node=2 --standalone" in ddp.stdout
 
     assert len(losses(two)) == len(losses(one)) == 12
     assert losses(two) == pytest.approx(losses(one), rel=LOSS_RTOL)
@@ -140,22 +140,19 @@ def test_a_user_error_in_the_ranks_is_one_line_exit_2(tmp_path, text_project):
     done = train_stage(project, {**COMMON, "nproc_per_node": 2}, outcome)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: prepared/train: missing")
-    assert "torch.distributed.run" not in done.stdout  # found before any process started
+    assert "torchrun" not in done.stdout  # found before any process started
     assert json.loads(outcome.read_text())["status"] == "user_error"
     assert not (project / "tuned").exists()
 
 
 @pytest.mark.unit
 def test_torchrun_command_one_machine_and_several():
-    from steps.distributed import torchrun_command
+    from steps.distributed import torchrun_arguments
 
-    one = torchrun_command(TrainParams(nproc_per_node=4), ["--params", "p.yaml"])
-    assert one[1:] == [
-        "-m", "torch.distributed.run", "--nproc-per-node=4", "--standalone",
-        "-m", "steps.train", "--params", "p.yaml",
-    ]  # fmt: skip
+    one = torchrun_arguments(TrainParams(nproc_per_node=4), ["--params", "p.yaml"])
+    assert one == ["--nproc-per-node=4", "--standalone", "-m", "steps.train", "--params", "p.yaml"]
     params = TrainParams(nproc_per_node=8, nnodes=2, rdzv_endpoint="10.1.2.3:29500", rdzv_id="r7")
-    many = torchrun_command(params, [])
+    many = torchrun_arguments(params, [])
     assert "--standalone" not in many
     assert {"--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=10.1.2.3:29500"} <= set(many)
     assert "--rdzv-id=r7" in many
@@ -168,3 +165,63 @@ def test_several_machines_need_a_rendezvous_endpoint(endpoint):
 
     with pytest.raises(UserError, match=r"train\.rdzv_endpoint must be host:port"):
         parse_params({"train": {"nnodes": 2, "rdzv_endpoint": endpoint}})
+
+
+def ranks_of(launcher_pid: int) -> list[int]:
+    """Live processes whose command line runs steps.train under the launcher (its ranks)."""
+    import psutil
+
+    try:
+        children = psutil.Process(launcher_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [p.pid for p in children if "steps.train" in " ".join(p.cmdline())]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kill", ["group-sigterm", "launcher-sigkill"])
+def test_stopping_the_stage_stops_every_rank(tmp_path, text_project, kill):
+    """The flow stops a stage with SIGTERM to its process group (then SIGKILL): torchrun starts
+    each rank in a session of its own, out of that group's reach, so a rank must die with the
+    stage's process (torchrun runs inside it) rather than train on as an orphan."""
+    import signal
+    import time
+
+    import psutil
+
+    project = copy_project(text_project, tmp_path / "p")
+    (project / "params.yaml").write_text(
+        yaml.safe_dump({"train": {**COMMON, "max_steps": 100000, "nproc_per_node": 2}})
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("LLMPIPE_OUTCOME", None)
+    cmd = [
+        sys.executable, "-m", "steps.train", "--params", "params.yaml",
+        "--base-model", "base", "--prepared", "prepared", "--checkpoints", "ckpt",
+        "--out", "tuned", "--metrics", "metrics/train.json", "--loss-curve", "metrics/loss.csv",
+    ]  # fmt: skip
+    stage = subprocess.Popen(
+        cmd, cwd=project, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while len(ranks := ranks_of(stage.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(ranks) == 2, "the 2 ranks did not start"
+        time.sleep(3)  # some way into their start (an earlier kill is covered by the parent check)
+        if kill == "group-sigterm":
+            os.killpg(stage.pid, signal.SIGTERM)
+        else:  # the worst case: the launcher dies without a word to the ranks
+            os.kill(stage.pid, signal.SIGKILL)
+        stage.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in ranks):
+            assert time.monotonic() < deadline, "a rank outlived the stopped stage"
+            time.sleep(0.2)
+    finally:
+        for pid in ranks_of(stage.pid):
+            os.kill(pid, signal.SIGKILL)
+        if stage.poll() is None:
+            os.killpg(stage.pid, signal.SIGKILL)
+    assert not (project / "tuned").exists()
