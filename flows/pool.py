@@ -33,7 +33,8 @@ from prefect.cache_policies import NO_CACHE
 from steps.errors import UserError
 from steps.params import PARAMS_FILE, Params
 
-SYNC_ENV = "LLMPIPE_DVC_SYNC"  # "1" in the pool deployments' job variables
+SYNC_ENV = "LLMPIPE_DVC_SYNC"
+JOB_VARIABLES = {"env": {SYNC_ENV: "1"}}  # the pool deployments' (merged into the pool's env)
 PULL_STEP = "flows.pool.enter_project"
 DVC_RETRY_DELAYS = [10, 60]  # seconds: a remote over the network can blink
 
@@ -107,7 +108,7 @@ def deploy_to_pool(project: Path, params: Params, pool: str) -> list[str]:
         project,
         params,
         work_pool_name=pool,
-        job_variables={"env": {SYNC_ENV: "1"}},
+        job_variables=JOB_VARIABLES,
         # `flows.manual.manual_finetune`, not a file path: found wherever llmpipe is installed
         entrypoint_type=EntrypointType.MODULE_PATH,
     )

@@ -21,7 +21,7 @@ import yaml
 
 from benchmarks.workloads import SAMPLE_TEXT, commit_all, edit_params, make_project, tiny_params
 from flows.manual import PROJECT_ENV
-from flows.pool import PULL_STEP, SYNC_ENV, enter_project, synced
+from flows.pool import JOB_VARIABLES, PULL_STEP, SYNC_ENV, enter_project, synced
 from steps.errors import UserError
 from steps.servers import stop_process_group
 
@@ -126,7 +126,7 @@ def test_a_worker_in_another_clone_runs_the_manual_deployment(origin, shared, wo
     for deployment in (manual, scheduled):
         assert deployment.work_pool_name == POOL
         assert deployment.pull_steps == [{PULL_STEP: {}}]
-        assert deployment.job_variables == {"env": {SYNC_ENV: "1"}}
+        assert deployment.job_variables == {"env": {SYNC_ENV: "1"}} == JOB_VARIABLES
     assert manual.entrypoint == "flows.manual.manual_finetune"
 
     started = time.monotonic()
