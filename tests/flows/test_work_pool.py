@@ -75,7 +75,8 @@ def origin(tmp_path, tiny_model_dir, shared) -> tuple[Path, Path]:
 def pool(origin, shared) -> str:
     """A process work pool, made as the README says (before a worker starts: `prefect worker
     start` would make a missing pool itself)."""
-    run(origin[0], shared, BIN / "prefect", "work-pool", "create", POOL, "--type", "process")
+    made = run(origin[0], shared, BIN / "prefect", "work-pool", "create", POOL, "--type", "process")
+    assert f"Created work pool {POOL!r}" in made.stdout, made.stdout  # the README walk expects it
     return POOL
 
 
