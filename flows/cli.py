@@ -295,6 +295,9 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             f"`LLMPIPE_PROJECT_DIR=$PWD prefect worker start --pool {args.pool}`"
         )
         return 0
+    from flows.pool import check_not_on_a_pool
+
+    check_not_on_a_pool()
     ids = apply_deployments(Path.cwd(), load_params())
     print(
         f"deployed finetune/manual and finetune/retrain-on-new-data ({', '.join(ids)}); "

@@ -55,6 +55,30 @@ def check_pool(name: str) -> None:
             ) from None
 
 
+def check_not_on_a_pool() -> None:
+    """UserError when one of the two deployments sits on a work pool: deploying it for a runner
+    (`llmpipe deploy` without --pool) would update it but leave it on the pool (Prefect's update
+    keeps the pool), without its pull step and job variables, where a worker's run of it fails."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.deploy import MANUAL, SCHEDULED
+    from flows.manual import manual_finetune
+
+    with get_client(sync_client=True) as client:
+        for name in (f"{manual_finetune.name}/{d}" for d in (MANUAL, SCHEDULED)):
+            try:
+                pool = client.read_deployment_by_name(name).work_pool_name
+            except ObjectNotFound:
+                continue
+            if pool:
+                raise UserError(
+                    f"{name} is on work pool {pool!r} (llmpipe deploy --pool); keep it there "
+                    f"with `llmpipe deploy --pool {pool}`, or delete it first to deploy it for a "
+                    f"runner: `prefect deployment delete {name}`"
+                )
+
+
 class WorkerProject:
     """Where a pool deployment's code is: already on the worker, in its project (Prefect's
     RunnerStorage protocol, of which only the pull step is used)."""

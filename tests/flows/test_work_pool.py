@@ -151,6 +151,14 @@ def test_a_worker_in_another_clone_runs_the_manual_deployment(origin, shared, wo
         assert f"files/md5/{md5[:2]}/{md5[2:]}" in pushed, f"{path} was not pushed"
     in_sync = run(clone, shared, BIN / "dvc", "status", "--cloud").stdout
     assert "Cache and remote 'shared' are in sync" in in_sync, in_sync
+    # the runner's `llmpipe deploy` would leave them on the pool, broken for its worker: refused
+    refused = subprocess.run([str(BIN / "llmpipe"), "deploy"], cwd=project, env=shared,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        f"error: finetune/manual is on work pool '{POOL}' (llmpipe deploy --pool); keep it there "
+        f"with `llmpipe deploy --pool {POOL}`, or delete it first to deploy it for a "
+        "runner: `prefect deployment delete finetune/manual`"
+    ], refused.stderr[-2000:]
     # registered in the shared tracking store
     versions = MlflowClient(shared["MLFLOW_TRACKING_URI"]).search_model_versions("name='llmpipe'")
     assert [int(v.version) for v in versions] == [1]
