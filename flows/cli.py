@@ -8,7 +8,7 @@ llmpipe sweep -S section.key=v1,v2 ...        # a grid of runs; only the best ma
 llmpipe models [--json]                       # registered versions, metrics, aliases, lineage
 llmpipe promote VERSION [--force --reason R]  # gate + serving check, then move champion
 llmpipe rollback                              # champion back to the version it replaced
-llmpipe deploy                                # the Prefect deployments, on PREFECT_API_URL
+llmpipe deploy [--pool NAME]                  # the Prefect deployments, on PREFECT_API_URL
 llmpipe up                                    # Prefect server + UI, runner, MLflow UI
 llmpipe data add FILE [--remote DIR]          # validate, copy to data/raw, dvc add, dvc push
 """
@@ -284,6 +284,20 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         raise UserError(
             "PREFECT_API_URL is not set; point it at a Prefect server, or use `llmpipe up`"
         )
+    if args.pool:
+        from flows.pool import deploy_to_pool
+
+        ids = deploy_to_pool(Path.cwd(), load_params(), args.pool)
+        print(
+            f"deployed finetune/manual and finetune/retrain-on-new-data on work pool "
+            f"{args.pool!r} ({', '.join(ids)}); runs need a worker, in the project's clone on "
+            "the machine that trains: "
+            f"`LLMPIPE_PROJECT_DIR=$PWD prefect worker start --pool {args.pool}`"
+        )
+        return 0
+    from flows.pool import check_not_on_a_pool
+
+    check_not_on_a_pool()
     ids = apply_deployments(Path.cwd(), load_params())
     print(
         f"deployed finetune/manual and finetune/retrain-on-new-data ({', '.join(ids)}); "
@@ -370,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
     back = sub.add_parser("rollback", help="move champion back to the version it replaced")
     back.set_defaults(func=cmd_rollback)
     deploy = sub.add_parser("deploy", help="create the Prefect deployments (manual, scheduled)")
+    deploy.add_argument(
+        "--pool", help="place them on this Prefect work pool, for its workers (flows/pool.py)"
+    )
     deploy.set_defaults(func=cmd_deploy)
     stack = sub.add_parser(
         "up",

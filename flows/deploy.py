@@ -1,6 +1,7 @@
 """Deployments of the finetune flow, and the local stack that serves them.
 
     llmpipe deploy     # create/update the deployments on the Prefect server at PREFECT_API_URL
+    llmpipe deploy --pool NAME   # the same on a work pool, for a worker (flows/pool.py)
     llmpipe up         # Prefect server + UI (:4200), the deployments' runner, MLflow UI (:5000)
 
 Two deployments of the flows in flows/manual.py (both named `finetune`, and both run finetune's
@@ -39,9 +40,10 @@ def check_schedule(params: Params) -> None:
         ) from None
 
 
-def build_deployments(project: Path, params: Params) -> list:
+def build_deployments(project: Path, params: Params, **placement: object) -> list:
     """The deployments; their runs use the project the runner serves (see serve_deployments), so
-    `project` only matters there."""
+    `project` only matters there. `placement`: more arguments of `to_deployment` (a work pool's,
+    from flows/pool.py)."""
     from flows.manual import manual_finetune, retrain_on_new_data
 
     check_schedule(params)
@@ -51,6 +53,7 @@ def build_deployments(project: Path, params: Params) -> list:
         description="Fine-tune on params.yaml; the form's fields (base_model.source, prepare.*, "
         "train.*, evaluate.*) override it for this run.",
         tags=["llmpipe"],
+        **placement,
     )
     scheduled = retrain_on_new_data.to_deployment(
         name=SCHEDULED,
@@ -59,6 +62,7 @@ def build_deployments(project: Path, params: Params) -> list:
         concurrency_limit=1,
         description="Retrain when the data's DVC hash differs from the champion's.",
         tags=["llmpipe"],
+        **placement,
     )
     return [manual, scheduled]
 

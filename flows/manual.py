@@ -24,6 +24,7 @@ from pathlib import Path
 from prefect import flow
 
 from flows.finetune import finetune, user_error_state
+from flows.pool import synced
 from flows.runner import UserInputError
 from steps.errors import UserError
 from steps.params import EMBEDDED_MODEL, PARAMS_FILE, load_params, parse_override
@@ -136,16 +137,19 @@ def manual_finetune(
         form_edits(project, named, list(overrides or []))
     except UserError as err:
         return user_error_state(err)  # one line in the log, no traceback
-    return finetune.fn(
-        project_dir=str(project),
-        overrides=list(overrides or []),
-        base_model=base_model,
-        data=data,
-        learning_rate=learning_rate,
-        max_steps=max_steps,
-        serve_check=serve_check,
-        only_if_data_changed=only_if_data_changed,
-        continue_from_champion=continue_from_champion,
+    return synced(  # on a work pool: dvc pull before, dvc push after (flows/pool.py)
+        project,
+        lambda: finetune.fn(
+            project_dir=str(project),
+            overrides=list(overrides or []),
+            base_model=base_model,
+            data=data,
+            learning_rate=learning_rate,
+            max_steps=max_steps,
+            serve_check=serve_check,
+            only_if_data_changed=only_if_data_changed,
+            continue_from_champion=continue_from_champion,
+        ),
     )
 
 
@@ -159,8 +163,11 @@ def retrain_on_new_data() -> dict:
         from_champion = load_params(project / PARAMS_FILE).schedule.continue_from_champion
     except UserError as err:
         return user_error_state(err)
-    return finetune.fn(
-        project_dir=str(project),
-        only_if_data_changed=True,
-        continue_from_champion=from_champion,
+    return synced(
+        project,
+        lambda: finetune.fn(
+            project_dir=str(project),
+            only_if_data_changed=True,
+            continue_from_champion=from_champion,
+        ),
     )

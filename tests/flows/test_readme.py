@@ -265,6 +265,11 @@ PREPARE = (
 )
 SWEEP = ".venv/bin/llmpipe sweep -S train.learning_rate=1e-4,3e-4 -S train.max_steps=40,80"
 API_4200 = "PREFECT_API_URL=http://127.0.0.1:4200/api"
+POOL_CREATE = f"{API_4200} .venv/bin/prefect work-pool create gpu --type process"
+POOL_WORKER = (
+    "PREFECT_API_URL=http://prefect-host:4200/api MLFLOW_TRACKING_URI=http://mlflow-host:5000 "
+    "LLMPIPE_PROJECT_DIR=$PWD .venv/bin/prefect worker start --pool gpu"
+)
 PROMOTE_FORCED = '.venv/bin/llmpipe promote 2 --force --reason "v1 answers support questions badly"'
 CHAT_QUESTION = 'echo "What does textwrap.dedent do?" | .venv/bin/llmpipe chat'
 DDP_RUN = ".venv/bin/llmpipe run -S train.nproc_per_node=2 -S train.gradient_accumulation_steps=2"
@@ -297,6 +302,10 @@ COMMANDS: dict[str, Row] = {
     ),
     f"{API_4200} .venv/bin/python -m flows.deploy": Serve(
         ready_text="being served", probe=deployments_on_4200, within=PREFECT_SERVER
+    ),
+    POOL_CREATE: Run(("Created work pool 'gpu'",), within=PREFECT_SERVER),
+    f"{API_4200} .venv/bin/llmpipe deploy --pool gpu": Run(
+        ("on work pool 'gpu'",), within=PREFECT_SERVER
     ),
     ".venv/bin/llmpipe up": Serve(
         (f"{LOCAL}:4200", f"{LOCAL}:5000/health"), probe=champion_in_mlflow_ui
@@ -380,6 +389,10 @@ COMMANDS: dict[str, Row] = {
     OWN_CHAT: NotRun("chat data needs a chat model: tests/flows/test_chat_flow.py runs one"),
     "pip install 'llmpipe[qlora]'": NotRun("installs bitsandbytes, a CUDA library: no GPU here"),
     "python benchmarks/gpu.py --model DIR --chat FILE": NotRun("needs a CUDA device: none here"),
+    POOL_WORKER: NotRun(
+        "a worker on another machine, against the hosts of its servers (placeholders here): "
+        "tests/flows/test_work_pool.py starts one in a git clone of a test project"
+    ),
     "make test": NotRun("the suite this test is part of: it would run itself"),
     "make test-integration": NotRun("the tier this test is part of: it would run itself"),
     "LLMPIPE_SCREENSHOTS=docs/images make test-integration": NotRun(
