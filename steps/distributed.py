@@ -132,8 +132,8 @@ def enter_rank() -> None:
     """In a process torchrun started: only rank 0 keeps the outcome record; the rank is killed
     when its launcher dies (torchrun starts each rank in a session of its own, out of reach of a
     signal to the stage's process group; SIGKILL, since a rank waiting in a collective for a rank
-    already gone runs no Python signal handler); CPU threads are shared out among this machine's
-    ranks."""
+    already gone runs no Python signal handler); each rank takes its own GPU, or its share of the
+    CPU threads."""
     if rank() != 0:
         os.environ.pop(OUTCOME_ENV, None)
     if sys.platform == "linux":
@@ -142,7 +142,9 @@ def enter_rank() -> None:
         launcher = os.environ.get(LAUNCHER_ENV)
         if launcher and os.getppid() != int(launcher):  # it died before the line above
             os._exit(1)
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():  # before any weights load: a 4-bit base loads onto this GPU
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    else:
         torch.set_num_threads(rank_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 

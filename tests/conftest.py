@@ -64,6 +64,33 @@ def tiny_model(tiny_model_dir):
     return model, AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+@pytest.fixture(scope="module")
+def text_project(tmp_path_factory, tiny_model_dir):
+    """A project with the tiny model as `base` and 60 documents prepared into blocks of 32."""
+    import json
+    import random
+
+    from transformers import AutoTokenizer
+
+    from benchmarks.workloads import SAMPLE_TEXT
+    from steps.params import PrepareParams
+    from steps.prepare import prepare
+
+    root = tmp_path_factory.mktemp("ddp")
+    rng = random.Random(0)
+    corpus = root / "corpus.jsonl"
+    corpus.write_text(
+        "".join(
+            json.dumps({"text": f"{i}: " + " ".join(rng.sample(SAMPLE_TEXT, 2))}) + "\n"
+            for i in range(60)
+        )
+    )
+    prep = PrepareParams(block_size=32, test_fraction=0.2, validation_fraction=0.1)
+    prepare(prep, corpus, AutoTokenizer.from_pretrained(tiny_model_dir), root / "prepared")
+    (root / "base").symlink_to(tiny_model_dir)
+    return root
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One Prefect test server (temporary SQLite) for the whole session: it takes ~20 s to start.

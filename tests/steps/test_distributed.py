@@ -6,7 +6,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from benchmarks.workloads import SAMPLE_TEXT
 from steps.errors import UserError
-from steps.params import PrepareParams, TrainParams
+from steps.params import TrainParams
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,28 +46,6 @@ def train_stage(
 def losses(project: Path) -> list[float]:
     with (project / "metrics" / "loss.csv").open() as f:
         return [float(row["loss"]) for row in csv.DictReader(f)]
-
-
-@pytest.fixture(scope="module")
-def text_project(tmp_path_factory, tiny_model_dir):
-    """A project with the tiny model as `base` and 60 documents prepared into blocks of 32."""
-    from transformers import AutoTokenizer
-
-    from steps.prepare import prepare
-
-    root = tmp_path_factory.mktemp("ddp")
-    rng = random.Random(0)
-    corpus = root / "corpus.jsonl"
-    corpus.write_text(
-        "".join(
-            json.dumps({"text": f"{i}: " + " ".join(rng.sample(SAMPLE_TEXT, 2))}) + "\n"
-            for i in range(60)
-        )
-    )
-    prep = PrepareParams(block_size=32, test_fraction=0.2, validation_fraction=0.1)
-    prepare(prep, corpus, AutoTokenizer.from_pretrained(tiny_model_dir), root / "prepared")
-    (root / "base").symlink_to(tiny_model_dir)
-    return root
 
 
 def copy_project(src: Path, dest: Path) -> Path:
