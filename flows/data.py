@@ -73,8 +73,13 @@ def dvc(project: Path, *args: str) -> str:
     done = subprocess.run([dvc_executable(), *args], cwd=project, env=stage_env({}),
                           capture_output=True, text=True)  # fmt: skip
     if done.returncode != 0:
-        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(without_credentials(f"dvc {' '.join(args)} failed: {last[0]}"))
+        # DVC ends a failure with a support footer; its own reason is the last "ERROR:" line
+        lines = [line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+        errors = [
+            line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR:")
+        ]
+        reason = (errors or lines or ["(no output)"])[-1]
+        raise RuntimeError(without_credentials(f"dvc {' '.join(args)} failed: {reason}"))
     return done.stdout
 
 

@@ -121,6 +121,7 @@ def test_a_failed_push_undoes_everything_and_prints_no_credentials(project, tmp_
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: dvc push"), done.stderr
     assert lines[0].endswith("; nothing was added")
+    assert "Not a directory" in lines[0] and "Having any troubles" not in lines[0], lines[0]
     assert not (project / "data/raw/tickets.jsonl").exists()
     assert not (project / "data/raw/tickets.jsonl.dvc").exists()
     assert (project / "params.yaml").read_bytes() == params_before
