@@ -139,8 +139,9 @@ def test_runs_and_registered_models_live_in_the_bucket(
 
     from flows.tracking import open_run
     from steps.params import Params
-    from steps.registry import log_and_register
+    from steps.registry import COMPLETIONS_TASK, log_and_register
     from steps.scoring import load_model
+    from steps.serve import registered_task
 
     uri, project = mlflow_server, tmp_path / "project"
     project.mkdir()
@@ -158,7 +159,9 @@ def test_runs_and_registered_models_live_in_the_bucket(
     assert any(k.endswith(f"{run_id}/artifacts/note.txt") for k in stored), stored
     assert any(k.endswith("model.safetensors") for k in stored), stored
     assert not (project / "mlartifacts").exists()
-    model, tokenizer = load_model(f"models:/tiny-on-s3/{mv.version}")
+    version = f"models:/tiny-on-s3/{mv.version}"
+    assert registered_task(uri, version) == COMPLETIONS_TASK  # `llmpipe serve` reads its MLmodel
+    model, tokenizer = load_model(version)
     expected = load_file(str(tiny_model_dir / "model.safetensors"))
     loaded = model.state_dict()
     assert all(torch.equal(loaded[name], value) for name, value in expected.items())
