@@ -1,13 +1,14 @@
 """Bring new data: `llmpipe data add PATH`.
 
-    llmpipe data add notes.jsonl [--remote DIR]
+    llmpipe data add notes.jsonl [--remote DIR|URL]
 
 Validates the file (exists, text, UTF-8, every JSONL line parses, not empty), copies it under
 data/raw/, tracks it with `dvc add`, pushes it to the DVC remote (a local directory by default, or
-whatever `dvc remote add -d` configured) and points `prepare.data` at it, so the next run trains on
-it. It holds the workspace lock (never in the middle of a run), refuses to replace a different file
-of the same name without --force (and never replaces the corpus stage's output), prints remote URLs
-without their credentials, and undoes the copy and the tracking when `dvc add` or `dvc push` fails.
+whatever `dvc remote add -d` configured: a directory, or object storage through DVC's plugins, see
+README "Remote storage") and points `prepare.data` at it, so the next run trains on it. It holds
+the workspace lock (never in the middle of a run), refuses to replace a different file of the same
+name without --force (and never replaces the corpus stage's output), prints remote URLs without
+their credentials, and undoes the copy and the tracking when `dvc add` or `dvc push` fails.
 Nothing is copied, tracked or edited when the file is rejected.
 """
 
@@ -72,16 +73,18 @@ def dvc(project: Path, *args: str) -> str:
     done = subprocess.run([dvc_executable(), *args], cwd=project, env=stage_env({}),
                           capture_output=True, text=True)  # fmt: skip
     if done.returncode != 0:
-        last = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        raise RuntimeError(without_credentials(f"dvc {' '.join(args)} failed: {last[0]}"))
+        # DVC ends a failure with a support footer; its own reason is the last "ERROR:" line
+        lines = [line.strip() for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+        errors = [
+            line.removeprefix("ERROR:").strip() for line in lines if line.startswith("ERROR:")
+        ]
+        reason = (errors or lines or ["(no output)"])[-1]
+        raise RuntimeError(without_credentials(f"dvc {' '.join(args)} failed: {reason}"))
     return done.stdout
 
 
-def ensure_remote(project: Path, remote: str | None) -> str:
-    """The default DVC remote's URL, creating a local one when none is configured."""
-    if remote:
-        dvc(project, "remote", "add", "--default", "--force", "llmpipe", remote)
-        return remote
+def configured_remotes(project: Path) -> tuple[dict[str, str], str]:
+    """The project's DVC remotes (name -> URL, every config level) and the default one's name."""
     # `dvc config --list` prints key=value lines; `dvc remote list` wraps long paths over lines
     config = dict(
         line.split("=", 1) for line in dvc(project, "config", "--list").splitlines() if "=" in line
@@ -91,8 +94,27 @@ def ensure_remote(project: Path, remote: str | None) -> str:
         for key, url in config.items()
         if key.startswith("remote.") and key.endswith(".url")
     }
+    return remotes, config.get("core.remote", "")
+
+
+def ensure_remote(project: Path, remote: str | None) -> str:
+    """The default DVC remote's URL, creating a local one when none is configured.
+
+    `--remote URL` of a remote already configured makes that remote the default and keeps its
+    options (an S3-compatible store's `endpointurl`, a region, a profile): adding it again under
+    another name would lose them (`dvc remote add --force` replaces the whole section)."""
+    remotes, default = configured_remotes(project)
+    if remote:
+        same = [name for name, url in remotes.items() if url.rstrip("/") == remote.rstrip("/")]
+        if default in same:
+            return remote
+        if same:
+            dvc(project, "remote", "default", same[0])
+            return remote
+        dvc(project, "remote", "add", "--default", "--force", "llmpipe", remote)
+        return remote
     if remotes:  # the default one, else the first
-        return remotes.get(config.get("core.remote", ""), next(iter(remotes.values())))
+        return remotes.get(default, next(iter(remotes.values())))
     target = default_remote()
     target.mkdir(parents=True, exist_ok=True)
     dvc(project, "remote", "add", "--default", "llmpipe", str(target))

@@ -121,9 +121,27 @@ def test_a_failed_push_undoes_everything_and_prints_no_credentials(project, tmp_
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: dvc push"), done.stderr
     assert lines[0].endswith("; nothing was added")
+    assert "Not a directory" in lines[0] and "Having any troubles" not in lines[0], lines[0]
     assert not (project / "data/raw/tickets.jsonl").exists()
     assert not (project / "data/raw/tickets.jsonl.dvc").exists()
     assert (project / "params.yaml").read_bytes() == params_before
+
+
+def test_remote_given_again_keeps_the_configured_remote_and_its_options(project, tmp_path):
+    """`--remote URL` of a remote the project configured (e.g. S3 with `endpointurl`) pushes there
+    through that remote, options and all; `dvc remote add --force` under another name would have
+    dropped them (tests/flows/test_object_storage.py does this against an S3 emulator)."""
+    store = tmp_path / "store"
+    dvc = [str(LLMPIPE.parent / "dvc"), "remote"]
+    subprocess.run([*dvc, "add", "mine", str(store)], cwd=project, check=True)
+    subprocess.run([*dvc, "modify", "mine", "jobs", "3"], cwd=project, check=True)
+    src = jsonl(tmp_path / "tickets.jsonl", ["reset the router"] * 3)
+    done = data_add(project, str(src), "--remote", f"{store}/")
+    assert done.returncode == 0, done.stderr
+    config = (project / ".dvc/config").read_text()
+    assert "remote = mine" in config and "jobs = 3" in config, config
+    assert "llmpipe" not in config, config
+    assert [p for p in store.rglob("*") if p.is_file()], "nothing was pushed to the remote"
 
 
 @pytest.mark.unit

