@@ -10,7 +10,7 @@ llmpipe promote VERSION [--force --reason R]  # gate + serving check, then move 
 llmpipe rollback                              # champion back to the version it replaced
 llmpipe deploy [--pool NAME]                  # the Prefect deployments, on PREFECT_API_URL
 llmpipe up                                    # Prefect server + UI, runner, MLflow UI
-llmpipe data add FILE [--remote DIR]          # validate, copy to data/raw, dvc add, dvc push
+llmpipe data add FILE [--remote DIR|URL]      # validate, copy to data/raw, dvc add, dvc push
 """
 
 from __future__ import annotations
