@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.workloads import make_project
+from benchmarks.workloads import make_project, tiny_params
 from steps.servers import free_port
 from tests.flows.test_cli_errors import last_line
 from tests.flows.test_stack import Api, basic, processes_in
@@ -105,8 +105,15 @@ def up_env(root: Path, pg: dict, login: tuple[str, str], ui_auth: str) -> dict[s
     return env
 
 
-def start_shared_up(root: Path, pg: dict, login: tuple[str, str], ui_auth: str, *extra: str):
-    project = make_project(root / "project", {})
+def start_shared_up(
+    root: Path,
+    pg: dict,
+    login: tuple[str, str],
+    ui_auth: str,
+    *extra: str,
+    params: dict | None = None,
+):
+    project = make_project(root / "project", params or {})
     ports = free_port(), free_port()
     urls = database_urls(pg)
     cmd = [LLMPIPE, "up", "--prefect-port", str(ports[0]), "--mlflow-port", str(ports[1]),
@@ -119,8 +126,9 @@ def start_shared_up(root: Path, pg: dict, login: tuple[str, str], ui_auth: str, 
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory, postgres):
-    """One `llmpipe up` on both databases, once the runner has registered its deployments."""
+def shared(tmp_path_factory, postgres, tiny_model_dir):
+    """One `llmpipe up` on both databases, once the runner has registered its deployments; its
+    project trains the tiny model."""
     root = tmp_path_factory.mktemp("shared")
     login = ("team-admin", secrets.token_urlsafe(18))
     artifacts = root / "artifact-store"
@@ -128,6 +136,7 @@ def shared(tmp_path_factory, postgres):
     proc, project, ports, log = start_shared_up(
         root, postgres, login, auth, "--prefect-database-url", database_urls(postgres)["prefect"],
         "--artifacts-destination", str(artifacts),
+        params=tiny_params(tiny_model_dir, learning_rate=3.0e-3),
     )  # fmt: skip
     api = Api(f"http://127.0.0.1:{ports[0]}/api", auth)
     try:
@@ -328,3 +337,20 @@ def test_bad_input_is_one_line_and_starts_nothing(args, unset, message, tmp_path
     assert line.startswith(message.replace("{port}", port)), line
     assert "secret" not in done.stderr + done.stdout
     assert processes_in(project) == []
+
+
+@pytest.mark.skipif(
+    not os.environ.get("LLMPIPE_SHARED_SLOW"), reason="~2.5 min: set LLMPIPE_SHARED_SLOW=1"
+)
+def test_the_runner_runs_the_pipeline_into_the_shared_servers(shared):
+    """The manual deployment, triggered through the API as the UI's Run button does: the tiny
+    pipeline tracks, registers, smoke-serves and promotes through the MLflow server; the model's
+    files are in the artifact store, none in the project's mlartifacts/."""
+    from tests.flows.test_stack import run_and_wait
+
+    state = run_and_wait(shared, "manual", {})
+    assert state["type"] == "COMPLETED", shared["log"].read_text()[-3000:]
+    assert list(shared["artifacts"].rglob("model.safetensors"))
+    assert not (shared["project"] / "mlartifacts").exists()
+    assert "promote: champion moved from none to version 1" in shared["log"].read_text()
+    assert shared["login"][1] not in shared["log"].read_text()
