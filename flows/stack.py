@@ -157,6 +157,8 @@ def up(
         prefect_env["PREFECT_API_DATABASE_CONNECTION_URL"] = shared.prefect_db
     if shared.mlflow_db:
         runner.update(shared_servers.client_login())
+    if shared.mlflow_db or shared.prefect_db:
+        runner.pop("PGPASSWORD", None)  # only the servers talk to PostgreSQL
     bin_dir = Path(sys.executable).parent
     procs: list[subprocess.Popen] = []
     # SIGTERM (a service manager, `timeout`) and SIGHUP (the terminal closed) must stop the
