@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.llmpipe-installed
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run chat test test-unit test-integration test-e2e lint lock clean chromium
+.PHONY: run chat test test-unit test-integration test-e2e lint lock clean chromium postgresql
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,7 +35,7 @@ chat: $(STAMP)  ## fine-tune the embedded chat example with LoRA end to end
 # order (-p no:randomly for file order). gpu tests run wherever CUDA is present.
 TEST_WORKERS ?= 0
 PYTEST_ARGS  ?=
-test: $(STAMP) chromium lint  ## lint, then unit, integration, e2e (and gpu) tiers
+test: $(STAMP) chromium postgresql lint  ## lint, then unit, integration, e2e (and gpu) tiers
 	$(BIN)/python -m pytest -m "unit or integration or e2e or gpu" -n $(TEST_WORKERS) \
 	  --dist loadgroup -v --durations=40 $(PYTEST_ARGS)
 
@@ -45,6 +45,14 @@ chromium:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "note: install chromium (e.g. sudo apt-get install chromium) for the browser test"; fi; }
+
+# The shared-servers test starts a PostgreSQL of its own (initdb in a temporary directory) from
+# Debian's server programs, which live in /usr/lib/postgresql/<major>/bin.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	  else echo "note: install PostgreSQL (e.g. sudo apt-get install postgresql) for the shared-servers test"; fi; }
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest -m unit -q

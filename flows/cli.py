@@ -308,11 +308,15 @@ def cmd_deploy(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from flows.deploy import check_schedule
+    from flows.shared_servers import shared_servers
     from flows.stack import up
     from steps.params import load_params
 
+    shared = shared_servers(
+        Path.cwd(), args.mlflow_database_url, args.prefect_database_url, args.artifacts_destination
+    )
     check_schedule(load_params())  # a broken params.yaml should stop us before three servers start
-    return up(Path.cwd(), args.prefect_port, args.mlflow_port)
+    return up(Path.cwd(), args.prefect_port, args.mlflow_port, shared)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -396,6 +400,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     stack.add_argument("--prefect-port", type=int, default=PREFECT_PORT)
     stack.add_argument("--mlflow-port", type=int, default=MLFLOW_UI_PORT)
+    # the team's servers on PostgreSQL (flows/shared_servers.py); unset: today's local stores
+    stack.add_argument(
+        "--mlflow-database-url",
+        metavar="URL",
+        help="run `mlflow server` on this PostgreSQL database (postgresql://USER@HOST:PORT/DB) "
+        "with a login (MLFLOW_TRACKING_USERNAME/PASSWORD) and proxied artifacts",
+    )
+    stack.add_argument(
+        "--artifacts-destination",
+        metavar="DIR",
+        help="where that server stores artifacts (default: the project's mlartifacts/)",
+    )
+    stack.add_argument(
+        "--prefect-database-url",
+        metavar="URL",
+        help="keep the Prefect server's state in this PostgreSQL database "
+        "(postgresql+asyncpg://USER@HOST:PORT/DB)",
+    )
     stack.set_defaults(func=cmd_up)
     data = sub.add_parser("data", help="bring new data under DVC")
     data_sub = data.add_subparsers(dest="data_command", required=True)

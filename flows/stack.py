@@ -2,13 +2,17 @@
 SIGHUP when its terminal closes).
 
     llmpipe up [--prefect-port 4200] [--mlflow-port 5000]      # defaults: steps/servers.py
+               [--mlflow-database-url URL [--artifacts-destination DIR]]
+               [--prefect-database-url URL]     # the team's servers on PostgreSQL:
+                                                # flows/shared_servers.py
 
 1. a Prefect server with its UI (the UI is told its API's URL, so a non-default port works), behind
    basic auth and CSRF protection: every API call needs the `user:password` login, and every write
    a CSRF token besides (so neither another local process nor a web page reaching loopback can
    start a run);
 2. a runner (`python -m flows.deploy`) that registers the deployments and executes their runs;
-3. the MLflow UI on the project's tracking store.
+3. the MLflow UI on the project's tracking store (or, with --mlflow-database-url, an MLflow server
+   with a login and proxied artifacts on PostgreSQL; the runner then tracks into it).
 
 The login is $LLMPIPE_UI_AUTH (`user:password`), or, when that is not set, generated and written
 once to the controlling terminal (never to stdout, which may be a log file). Only the server and the
@@ -29,6 +33,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
 
+from flows import shared_servers
+from flows.shared_servers import SharedServers
 from steps.environment import quiet_offline_env
 from steps.errors import UserError
 from steps.servers import LOOPBACK as HOST
@@ -104,8 +110,34 @@ def start(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def up(project: Path, prefect_port: int = PREFECT_PORT, mlflow_port: int = MLFLOW_UI_PORT) -> int:
+def mlflow_ui_cmd(bin_dir: Path, uri: str, port: int) -> list[str]:
+    """Today's default: the MLflow UI on the project's tracking store, no login."""
+    mlflow = str(bin_dir / "mlflow")
+    return [mlflow, "ui", "--backend-store-uri", uri, "--host", HOST, "--port", str(port)]
+
+
+def start_mlflow(
+    procs: list[subprocess.Popen], cmd: list[str], env: dict[str, str], project: Path, url: str
+) -> None:
+    """`cmd` (the UI or the server), added to `procs`, once it answers its health probe."""
+    proc = start(cmd, env, project)
+    procs.append(proc)
+    wait_http(f"{url}/health", proc, "mlflow " + cmd[1])
+
+
+def up(
+    project: Path,
+    prefect_port: int = PREFECT_PORT,
+    mlflow_port: int = MLFLOW_UI_PORT,
+    shared: SharedServers | None = None,
+) -> int:
     auth, generated = ui_auth()
+    shared = shared or SharedServers()
+    # a database that does not answer stops us before anything starts
+    if shared.mlflow_db:
+        shared_servers.check_reachable("--mlflow-database-url", shared.mlflow_db)
+    if shared.prefect_db:
+        shared_servers.check_reachable("--prefect-database-url", shared.prefect_db)
     terminal = open_terminal() if generated else None
     if generated and terminal is None:
         raise UserError(
@@ -113,6 +145,20 @@ def up(project: Path, prefect_port: int = PREFECT_PORT, mlflow_port: int = MLFLO
             f"(it is never printed to a log); set {AUTH_ENV}=user:password"
         )
     env = stack_env(project, prefect_port)
+    mlflow_url, auth_config = f"http://{HOST}:{mlflow_port}", None
+    if shared.mlflow_db:
+        # the flows track into the server (artifacts through its proxy); only the runner, below,
+        # gets the MLflow login
+        for name in shared_servers.MLFLOW_SECRETS:
+            env.pop(name, None)
+        env["MLFLOW_TRACKING_URI"] = mlflow_url
+    prefect_env, runner = server_env(env, auth), runner_env(env, auth)
+    if shared.prefect_db:
+        prefect_env["PREFECT_API_DATABASE_CONNECTION_URL"] = shared.prefect_db
+    if shared.mlflow_db:
+        runner.update(shared_servers.client_login())
+    if shared.mlflow_db or shared.prefect_db:
+        runner.pop("PGPASSWORD", None)  # only the servers talk to PostgreSQL
     bin_dir = Path(sys.executable).parent
     procs: list[subprocess.Popen] = []
     # SIGTERM (a service manager, `timeout`) and SIGHUP (the terminal closed) must stop the
@@ -120,6 +166,12 @@ def up(project: Path, prefect_port: int = PREFECT_PORT, mlflow_port: int = MLFLO
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda signum, frame: sys.exit(0))
     try:
+        if shared.mlflow_db:  # first: a login it refuses stops us before Prefect starts
+            auth_config = shared_servers.write_auth_config(shared.mlflow_db)
+            mlflow_cmd = shared_servers.mlflow_server_cmd(bin_dir, shared, HOST, mlflow_port)
+            mlflow_env = shared_servers.mlflow_server_env(env, auth_config)
+            start_mlflow(procs, mlflow_cmd, mlflow_env, project, mlflow_url)
+            shared_servers.check_login(mlflow_url)
         server = start(
             [
                 str(bin_dir / "prefect"),
@@ -130,35 +182,22 @@ def up(project: Path, prefect_port: int = PREFECT_PORT, mlflow_port: int = MLFLO
                 "--port",
                 str(prefect_port),
             ],
-            server_env(env, auth),
+            prefect_env,
             project,
         )
         procs.append(server)
         wait_http(f"http://{HOST}:{prefect_port}/api/health", server, "prefect server")
-        procs.append(start([sys.executable, "-m", "flows.deploy"], runner_env(env, auth), project))
-        mlflow_ui = start(
-            [
-                str(bin_dir / "mlflow"),
-                "ui",
-                "--backend-store-uri",
-                env["MLFLOW_TRACKING_URI"],
-                "--host",
-                HOST,
-                "--port",
-                str(mlflow_port),
-            ],
-            env,
-            project,
-        )
-        procs.append(mlflow_ui)
-        wait_http(f"http://{HOST}:{mlflow_port}/health", mlflow_ui, "mlflow ui")
+        procs.append(start([sys.executable, "-m", "flows.deploy"], runner, project))
+        if not shared.mlflow_db:
+            mlflow_cmd = mlflow_ui_cmd(bin_dir, env["MLFLOW_TRACKING_URI"], mlflow_port)
+            start_mlflow(procs, mlflow_cmd, env, project, mlflow_url)
         login = "the user:password below" if generated else f"the user:password in ${AUTH_ENV}"
         print(
             f"llmpipe is up (Ctrl-C stops everything):\n"
             f"  Prefect UI  http://{HOST}:{prefect_port}  (deployments: finetune/manual, "
             f"finetune/retrain-on-new-data)\n"
             f"              log in with {login}\n"
-            f"  MLflow UI   http://{HOST}:{mlflow_port}\n"
+            f"  MLflow UI   {mlflow_url}{mlflow_note(shared)}\n"
             f"  serve the champion with: llmpipe serve",
             flush=True,
         )
@@ -190,3 +229,15 @@ def up(project: Path, prefect_port: int = PREFECT_PORT, mlflow_port: int = MLFLO
         # last started, first stopped: the runner still reaches the server while it shuts down
         for proc in reversed(procs):
             stop_process_group(proc, grace=20)
+        if auth_config is not None:
+            auth_config.unlink(missing_ok=True)
+
+
+def mlflow_note(shared: SharedServers) -> str:
+    if not shared.mlflow_db:
+        return ""
+    return (
+        f"  (a server: every call needs a login; artifacts stored in {shared.artifacts})\n"
+        f"              clients: MLFLOW_TRACKING_URI=<this URL>, ${shared_servers.USER} and "
+        f"${shared_servers.PASSWORD}"
+    )

@@ -280,6 +280,12 @@ S3_MLFLOW_SERVER = (
 )
 OWN_CHAT = ".venv/bin/llmpipe run -S prepare.data=data/raw/support_chats.jsonl -S train.method=lora"
 
+SHARED_UP = (
+    ".venv/bin/llmpipe up --mlflow-database-url postgresql://llmpipe@127.0.0.1:5432/mlflow "
+    "--artifacts-destination /srv/llmpipe/artifacts "
+    "--prefect-database-url postgresql+asyncpg://llmpipe@127.0.0.1:5432/prefect"
+)
+
 # In the order a user runs them: `make run` first. A new README command needs a row here.
 COMMANDS: dict[str, Row] = {
     "make run": Run(("promoted to champion", "served"), absent=("pip install",), timeout=900),
@@ -385,6 +391,10 @@ COMMANDS: dict[str, Row] = {
     "dvc push": Mention(".venv/bin/llmpipe data add ~/exports/support-tickets.jsonl"),
     "mlflow models serve -m models:/llmpipe/<version> --env-manager local": Mention("make run"),
     # cannot run here
+    SHARED_UP: NotRun(
+        "needs a PostgreSQL with two databases and the MLflow login in the environment: "
+        "tests/flows/test_shared_servers.py runs `up` with these options on one it starts"
+    ),
     # The walk's tiny model has no chat template, and the tiny chat model answers greedily with
     # nothing (its first token is the end of the turn), which the serving check refuses; these run
     # on the real SmolLM2 in tests/e2e/test_chat.py (the chat flow with LoRA, llmpipe chat piped).
