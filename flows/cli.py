@@ -316,7 +316,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         Path.cwd(), args.mlflow_database_url, args.prefect_database_url, args.artifacts_destination
     )
     check_schedule(load_params())  # a broken params.yaml should stop us before three servers start
-    return up(Path.cwd(), args.prefect_port, args.mlflow_port, shared)
+    return up(Path.cwd(), args.prefect_port, args.mlflow_port, shared, runner=not args.no_runner)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,6 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="URL",
         help="keep the Prefect server's state in this PostgreSQL database "
         "(postgresql+asyncpg://USER@HOST:PORT/DB)",
+    )
+    stack.add_argument(
+        "--no-runner",
+        action="store_true",
+        help="servers only: the flows run on a work pool's workers (llmpipe deploy --pool)",
     )
     stack.set_defaults(func=cmd_up)
     data = sub.add_parser("data", help="bring new data under DVC")

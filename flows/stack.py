@@ -5,12 +5,14 @@ SIGHUP when its terminal closes).
                [--mlflow-database-url URL [--artifacts-destination DIR]]
                [--prefect-database-url URL]     # the team's servers on PostgreSQL:
                                                 # flows/shared_servers.py
+               [--no-runner]                    # servers only: flows run on work pools
 
 1. a Prefect server with its UI (the UI is told its API's URL, so a non-default port works), behind
    basic auth and CSRF protection: every API call needs the `user:password` login, and every write
    a CSRF token besides (so neither another local process nor a web page reaching loopback can
    start a run);
-2. a runner (`python -m flows.deploy`) that registers the deployments and executes their runs;
+2. a runner (`python -m flows.deploy`) that registers the deployments and executes their runs
+   (not with --no-runner: the deployments then live on a work pool, `llmpipe deploy --pool`);
 3. the MLflow UI on the project's tracking store (or, with --mlflow-database-url, an MLflow server
    with a login and proxied artifacts on PostgreSQL; the runner then tracks into it).
 
@@ -46,6 +48,7 @@ GENERATED_USER = "llmpipe"
 # Prefect's own settings: what the server checks, and what its clients (the runner, the flow runs)
 # send. Neither is inherited from the caller's environment: `up` sets them.
 SERVER_AUTH, CLIENT_AUTH = "PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING"
+UI_WORKERS = 2
 SECRET_VARS = (AUTH_ENV, SERVER_AUTH, CLIENT_AUTH)
 
 
@@ -83,6 +86,9 @@ def stack_env(project: Path, prefect_port: int) -> dict[str, str]:
         "MLFLOW_TRACKING_URI": tracking_uri(project),
         # on a terminal, `prefect server start` would otherwise stop to ask about profiles
         "PREFECT_CLI_PROMPT": "false",
+        # MLflow 3's server starts a job runner (huey consumers, for GenAI jobs llmpipe never
+        # submits) beside its UI: 8 more processes, ~2 GB of memory measured here
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
     }
     for name in SECRET_VARS:
         env.pop(name, None)
@@ -111,9 +117,13 @@ def start(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
 
 
 def mlflow_ui_cmd(bin_dir: Path, uri: str, port: int) -> list[str]:
-    """Today's default: the MLflow UI on the project's tracking store, no login."""
+    """Today's default: the MLflow UI on the project's tracking store, no login; 2 web workers for
+    one person's browser (MLflow's default, 4, holds ~0.25 GB each)."""
     mlflow = str(bin_dir / "mlflow")
-    return [mlflow, "ui", "--backend-store-uri", uri, "--host", HOST, "--port", str(port)]
+    return [
+        mlflow, "ui", "--backend-store-uri", uri, "--host", HOST, "--port", str(port),
+        "--workers", str(UI_WORKERS),
+    ]  # fmt: skip
 
 
 def start_mlflow(
@@ -130,7 +140,11 @@ def up(
     prefect_port: int = PREFECT_PORT,
     mlflow_port: int = MLFLOW_UI_PORT,
     shared: SharedServers | None = None,
+    runner: bool = True,
 ) -> int:
+    """Start the stack; `runner=False` (`--no-runner`): the servers only, for a team whose flows
+    run on work pools (`llmpipe deploy --pool`), where a runner serving the same deployments
+    would take them back from the pool's workers."""
     auth, generated = ui_auth()
     shared = shared or SharedServers()
     # a database that does not answer stops us before anything starts
@@ -152,13 +166,13 @@ def up(
         for name in shared_servers.MLFLOW_SECRETS:
             env.pop(name, None)
         env["MLFLOW_TRACKING_URI"] = mlflow_url
-    prefect_env, runner = server_env(env, auth), runner_env(env, auth)
+    prefect_env, runner_vars = server_env(env, auth), runner_env(env, auth)
     if shared.prefect_db:
         prefect_env["PREFECT_API_DATABASE_CONNECTION_URL"] = shared.prefect_db
     if shared.mlflow_db:
-        runner.update(shared_servers.client_login())
+        runner_vars.update(shared_servers.client_login())
     if shared.mlflow_db or shared.prefect_db:
-        runner.pop("PGPASSWORD", None)  # only the servers talk to PostgreSQL
+        runner_vars.pop("PGPASSWORD", None)  # only the servers talk to PostgreSQL
     bin_dir = Path(sys.executable).parent
     procs: list[subprocess.Popen] = []
     # SIGTERM (a service manager, `timeout`) and SIGHUP (the terminal closed) must stop the
@@ -187,15 +201,20 @@ def up(
         )
         procs.append(server)
         wait_http(f"http://{HOST}:{prefect_port}/api/health", server, "prefect server")
-        procs.append(start([sys.executable, "-m", "flows.deploy"], runner, project))
+        if runner:
+            procs.append(start([sys.executable, "-m", "flows.deploy"], runner_vars, project))
         if not shared.mlflow_db:
             mlflow_cmd = mlflow_ui_cmd(bin_dir, env["MLFLOW_TRACKING_URI"], mlflow_port)
             start_mlflow(procs, mlflow_cmd, env, project, mlflow_url)
         login = "the user:password below" if generated else f"the user:password in ${AUTH_ENV}"
+        deployments = (
+            "deployments: finetune/manual, finetune/retrain-on-new-data"
+            if runner
+            else "no runner: `llmpipe deploy --pool NAME`, and workers run the flows"
+        )
         print(
             f"llmpipe is up (Ctrl-C stops everything):\n"
-            f"  Prefect UI  http://{HOST}:{prefect_port}  (deployments: finetune/manual, "
-            f"finetune/retrain-on-new-data)\n"
+            f"  Prefect UI  http://{HOST}:{prefect_port}  ({deployments})\n"
             f"              log in with {login}\n"
             f"  MLflow UI   {mlflow_url}{mlflow_note(shared)}\n"
             f"  serve the champion with: llmpipe serve",

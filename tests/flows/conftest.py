@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import glob
+import os
+import secrets
 import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from benchmarks.workloads import make_project
+from steps.servers import free_port
+
+PG_USER = "llmpipe"
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +44,51 @@ def project(golden, tmp_path) -> Path:
 @pytest.fixture
 def first_run(golden) -> dict:
     return golden[1]
+
+
+def postgres_bin() -> Path | None:
+    """Debian keeps PostgreSQL's server programs off PATH, in /usr/lib/postgresql/<major>/bin."""
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).resolve().parent
+    dirs = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(dirs[-1]).parent if dirs else None
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL cluster in a temporary directory on 127.0.0.1:<free port>, password login for
+    user llmpipe, databases mlflow and prefect; stopped and removed at the end of the session."""
+    bin_dir, root = postgres_bin(), os.geteuid() == 0
+    if bin_dir is None:
+        if root:
+            pytest.fail("PostgreSQL is not installed: `make postgresql` installs Debian's")
+        pytest.skip("PostgreSQL's initdb not found and not root: apt-get install postgresql")
+    as_owner: list[str] = ["runuser", "-u", "postgres", "--"] if root else []
+    home = Path(tempfile.mkdtemp(prefix="llmpipe-pg-"))  # /tmp: the postgres user can reach it
+    password, port = secrets.token_hex(16), free_port()
+    (home / "pw").write_text(password + "\n")
+    if root:
+        shutil.chown(home, "postgres")
+        shutil.chown(home / "pw", "postgres")
+
+    def pg(*args: str) -> None:
+        subprocess.run([*as_owner, *args], check=True, capture_output=True, timeout=120)
+
+    pg(str(bin_dir / "initdb"), "-D", f"{home}/data", "-U", PG_USER, "-A", "scram-sha-256",
+       f"--pwfile={home}/pw", "-E", "UTF8", "--no-sync")  # fmt: skip
+    # fsync off: a throwaway cluster; the socket in our directory, not /var/run/postgresql
+    options = f"-F -h 127.0.0.1 -p {port} -k {home}"
+    pg(str(bin_dir / "pg_ctl"), "-D", f"{home}/data", "-l", f"{home}/log", "-o", options, "-w",
+       "start")  # fmt: skip
+    try:
+        import psycopg
+
+        url = f"postgresql://{PG_USER}:{password}@127.0.0.1:{port}"
+        with psycopg.connect(f"{url}/postgres", autocommit=True) as db:
+            for name in ("mlflow", "prefect"):
+                db.execute(f"CREATE DATABASE {name}")
+        yield {"port": port, "password": password, "url": url}
+    finally:
+        pg(str(bin_dir / "pg_ctl"), "-D", f"{home}/data", "-m", "fast", "-w", "stop")
+        shutil.rmtree(home, ignore_errors=True)

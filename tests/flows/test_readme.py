@@ -406,7 +406,7 @@ COMMANDS: dict[str, Row] = {
     "python benchmarks/gpu.py --model DIR --chat FILE": NotRun("needs a CUDA device: none here"),
     POOL_WORKER: NotRun(
         "a worker on another machine, against the hosts of its servers (placeholders here): "
-        "tests/flows/test_work_pool.py starts one in a git clone of a test project"
+        "tests/flows/test_team_setup.py starts one in a git clone of a test project"
     ),
     "make test": NotRun("the suite this test is part of: it would run itself"),
     "make test-integration": NotRun("the tier this test is part of: it would run itself"),
@@ -433,6 +433,10 @@ COMMANDS: dict[str, Row] = {
     ),
     "dvc pull": NotRun("named in prose; test_object_storage.py runs it in a clone"),
     "llmpipe data add": Mention(".venv/bin/llmpipe data add ~/exports/support-tickets.jsonl"),
+    "llmpipe deploy --pool": Mention(f"{API_4200} .venv/bin/llmpipe deploy --pool gpu"),
+    "llmpipe up --no-runner": NotRun(
+        "named in prose, with the PostgreSQL servers: tests/flows/test_team_setup.py runs it"
+    ),
     S3_MLFLOW_SERVER: NotRun(
         "needs an S3 bucket: test_object_storage.py serves artifacts so into moto's S3 (free port)"
     ),

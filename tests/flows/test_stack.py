@@ -209,6 +209,19 @@ def test_deployments_have_their_schedule_and_a_typed_form(stack):
     wait_http(stack["mlflow"] + "/health", stack["proc"], "mlflow ui", 90, ready=range(200, 201))
 
 
+def test_the_mlflow_ui_runs_two_web_workers_and_no_job_runner(stack):
+    """MLflow 3's server starts a job runner (huey consumers) by default and 4 web workers: 15
+    processes and 3.4 GB for one person's UI, measured; `up` asks for 2 workers and no jobs."""
+    import psutil
+
+    wait_http(stack["mlflow"] + "/health", stack["proc"], "mlflow ui", 90, ready=range(200, 201))
+    tree = psutil.Process(stack["proc"].pid).children(recursive=True)
+    commands = [" ".join(p.cmdline()) for p in tree if p.is_running()]
+    assert not [c for c in commands if "huey" in c or "_job_runner" in c], commands
+    [uvicorn] = [c for c in commands if "uvicorn" in c and "mlflow" in c]
+    assert "--workers 2" in uvicorn, uvicorn
+
+
 def flow_run_count(stack) -> int:
     return len(stack["api"]("/flow_runs/filter", {}))
 
