@@ -29,12 +29,20 @@ pytestmark = pytest.mark.integration
 LLMPIPE = Path(sys.executable).parent / "llmpipe"
 
 
-def database_urls(pg: dict) -> dict[str, str]:
-    """The URLs `up` is given: no password (that travels in PGPASSWORD)."""
+def database_urls(pg: dict, prefix: str = "") -> dict[str, str]:
+    """The URLs `up` is given: no password (that travels in PGPASSWORD). With a `prefix`, two
+    new empty databases of that prefix (a module's own: MLflow's auth app keeps the first admin it
+    was started with, so two stacks must not share one)."""
     where = f"{PG_USER}@127.0.0.1:{pg['port']}"
+    if prefix:
+        import psycopg
+
+        with psycopg.connect(f"{pg['url']}/postgres", autocommit=True) as db:
+            for name in ("mlflow", "prefect"):
+                db.execute(f"CREATE DATABASE {prefix}{name}")
     return {
-        "mlflow": f"postgresql://{where}/mlflow",
-        "prefect": f"postgresql+asyncpg://{where}/prefect",
+        "mlflow": f"postgresql://{where}/{prefix}mlflow",
+        "prefect": f"postgresql+asyncpg://{where}/{prefix}prefect",
     }
 
 

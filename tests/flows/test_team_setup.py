@@ -100,7 +100,7 @@ def test_a_worker_trains_into_the_shared_servers_and_a_third_machine_serves_the_
 
     # the servers: no runner, the flows run on the pool's workers
     ports = free_port(), free_port()
-    urls, artifacts = database_urls(postgres), tmp_path / "artifact-store"
+    urls, artifacts = database_urls(postgres, prefix="team_"), tmp_path / "artifact-store"
     up_log = tmp_path / "up.log"
     with up_log.open("w") as out:
         up = subprocess.Popen(
