@@ -35,3 +35,9 @@ def test_every_gpu_follows_one_gpu_loss_curve(tmp_path, text_project, sharding):
     assert losses(many) == pytest.approx(losses(one), rel=1e-3)
     metrics = json.loads((many / "metrics/train.json").read_text())
     assert metrics["world_size"] == gpus
+    single = json.loads((one / "metrics/train.json").read_text())
+    speed = {m["world_size"]: m["tokens_seen"] / m["train_seconds"] for m in (single, metrics)}
+    print(  # what the note reports (pytest -s): training tokens/s on 1 GPU and on all of them
+        f"{sharding}: 1 GPU {speed[1]:.0f} tokens/s, {gpus} GPUs {speed[gpus]:.0f} tokens/s "
+        f"({speed[gpus] / speed[1]:.2f}x)"
+    )
