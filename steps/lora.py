@@ -143,12 +143,18 @@ def frozen_bases_to_bf16(peft_model) -> int:
     Only the adapted Linear layers' own weights: embeddings, norms and a head tied to the
     embeddings are read outside a matrix product too, so they keep their dtype. The adapters and
     the merged model (steps.lora.merge reloads the base from disk) are untouched.
+
+    The same layers stop peft casting their input to the adapters' float32 (its
+    `cast_input_dtype_enabled`): a bf16 input (o_proj's and down_proj's) was copied to float32
+    and, inside the autocast adapter product, straight back to bf16: two copies forward and two
+    backward per layer, for the same bf16 product (bf16 -> float32 -> bf16 is exact).
     """
     from peft.tuners.lora import LoraLayer
 
     cast = 0
     for module in peft_model.modules():
         if isinstance(module, LoraLayer):
+            module.cast_input_dtype_enabled = False
             base = module.get_base_layer()
             if isinstance(base, torch.nn.Linear) and base.weight.dtype == torch.float32:
                 base.weight.data = base.weight.data.to(torch.bfloat16)

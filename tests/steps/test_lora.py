@@ -320,6 +320,8 @@ def test_frozen_bases_in_bf16_train_the_same_under_bf16_autocast(tiny_model_dir)
     assert adapted == len(lora.linear_module_names(lora.load_base(tiny_model_dir))) - 1  # no head
     embeddings = cast.get_input_embeddings().weight
     assert embeddings.dtype == torch.float32  # read outside a product: kept
+    layers = [m for m in cast.modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert len(layers) == adapted and not any(m.cast_input_dtype_enabled for m in layers)
     results = []
     for model in (kept, cast):
         model.train()
