@@ -26,6 +26,7 @@ from flows.chat import add_arguments as add_chat_arguments
 from flows.report import stages_text
 from steps.environment import quiet_offline_env
 from steps.errors import USER_ERROR_EXIT, UserError
+from steps.outcome import exit_fast
 from steps.servers import LOOPBACK, MLFLOW_UI_PORT, PREFECT_PORT
 from steps.tracking import RegistryUnavailable
 
@@ -445,13 +446,16 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", EPHEMERAL_STARTUP_S)
     args = build_parser().parse_args(argv)
     try:
-        sys.exit(args.func(args))
+        code = args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(USER_ERROR_EXIT)
+        code = USER_ERROR_EXIT
     except RegistryUnavailable as err:  # a locked or corrupt mlflow.db: a fault, in one line
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        code = 1
+    if argv is None:  # the `llmpipe` command itself: no interpreter teardown to wait for
+        exit_fast(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from pathlib import Path
 from steps.arguments import stage_arguments
 from steps.environment import cache_dir
 from steps.errors import UserError
-from steps.outcome import run_main
+from steps.outcome import run_step
 from steps.outputs import atomic_dir, atomic_file
 from steps.params import EMBEDDED_MODEL, BaseModelParams, load_params
 
@@ -186,4 +186,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step(main)

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from steps.arguments import stage_arguments
-from steps.outcome import run_main
+from steps.outcome import run_step
 from steps.outputs import write_text
 
 
@@ -40,4 +40,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step(main)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from steps.arguments import stage_arguments
 from steps.chat import check_chat_template
-from steps.outcome import run_main
+from steps.outcome import run_step
 from steps.outputs import write_json
 from steps.params import EvaluateParams, load_params
 from steps.plots import write_figure, write_perplexity_csv
@@ -127,4 +127,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step(main)

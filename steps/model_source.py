@@ -19,7 +19,7 @@ import hashlib
 from pathlib import Path
 
 from steps.arguments import stage_arguments
-from steps.outcome import run_main
+from steps.outcome import run_step
 from steps.outputs import write_json
 from steps.params import BaseModelParams, load_params
 
@@ -62,4 +62,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step(main)

@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from steps.errors import UserError
-from steps.outcome import run_main
+from steps.outcome import run_step
 from steps.outputs import write_text
 
 EMBEDDED_MODEL = (
@@ -333,4 +333,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step(main)

@@ -34,7 +34,7 @@ from steps.arguments import stage_arguments
 from steps.chat import blocks, check_chat_template, fit, render, supervised
 from steps.dedup import near_duplicates
 from steps.errors import UserError
-from steps.outcome import run_main
+from steps.outcome import run_step
 from steps.outputs import atomic_dir, write_json
 from steps.params import PrepareParams, load_params
 from steps.records import Records, read_records
@@ -513,4 +513,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step(main)

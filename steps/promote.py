@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 
 from steps.arguments import stage_arguments
-from steps.outcome import run_main
+from steps.outcome import run_step
 from steps.params import load_params
 from steps.registry import CHAMPION, champion_version
 from steps.tracking import tracking_uri
@@ -72,4 +72,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step(main)

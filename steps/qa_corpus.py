@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from steps.arguments import stage_arguments
-from steps.outcome import run_main
+from steps.outcome import run_step
 from steps.outputs import write_text
 
 # Mostly pure Python, none whose public names or docstrings depend on the platform (no os, shutil,
@@ -319,4 +319,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step(main)

@@ -26,7 +26,7 @@ from steps.card import model_card
 from steps.errors import UserError
 from steps.gate import Decision, Reference, promotion_decision
 from steps.lineage import git_sha, stage_lineage
-from steps.outcome import run_main
+from steps.outcome import run_step
 from steps.params import EvaluateParams, Params, load_params
 from steps.promote import NO_CHAMPION
 from steps.registry import (
@@ -203,4 +203,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step(main)

@@ -37,7 +37,7 @@ from steps.chat_serving import (
 )
 from steps.errors import UserError
 from steps.executables import with_interpreter_on_path
-from steps.outcome import run_main
+from steps.outcome import run_step
 from steps.params import load_params
 from steps.registry import CHAMPION, CHAT_TASK, COMPLETIONS_TASK, champion_version
 from steps.servers import LOOPBACK, ensure_port_free, free_port, stop_process_group, wait_http
@@ -342,4 +342,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step(main)

@@ -38,7 +38,7 @@ from steps import distributed, lora
 from steps.arguments import stage_arguments
 from steps.chat import packed_batch
 from steps.errors import UserError
-from steps.outcome import run_main
+from steps.outcome import run_step
 from steps.outputs import atomic_dir, atomic_file, write_json
 from steps.packed_attention import use_for_packed_blocks
 from steps.params import TrainParams, load_params
@@ -311,4 +311,4 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_step(main)

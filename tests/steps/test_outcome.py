@@ -57,3 +57,71 @@ def test_without_the_variable_nothing_is_written(tmp_path, monkeypatch):
     run_main(lambda: {"x": 1})
     assert list(tmp_path.iterdir()) == []
     assert read_outcome(tmp_path / "missing.json") is None
+
+
+# A step process as `python -m steps.X` runs it: exit handlers of both kinds, a file written in
+# the step, buffered output, and an object that only the interpreter's teardown finalises
+STEP = """
+import atexit, os, sys, threading, time
+from pathlib import Path
+from steps.errors import UserError
+from steps.outcome import run_step
+
+out = Path(sys.argv[1])
+
+class Teardown:  # a module-level object: only the interpreter's teardown finalises it
+    def __del__(self, write=os.write, fd=os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT)):
+        write(fd, b"teardown\\n")
+
+KEPT = Teardown()
+atexit.register(lambda: out.open("a").write("atexit\\n"))
+threading._register_atexit(lambda: out.open("a").write("threading-atexit\\n"))
+worker = threading.Thread(target=lambda: (time.sleep(0.5), out.open("a").write("thread\\n")))
+worker.start()
+
+def main():
+    print("buffered", end="")
+    if sys.argv[2] == "user-error":
+        raise UserError("params.yaml: train.max_steps: must be > 0")
+    if sys.argv[2] == "crash":
+        raise RuntimeError("boom")
+    return {"ok": 1}
+
+run_step(main)
+"""
+
+
+@pytest.mark.parametrize(
+    ("how", "status", "events"),
+    [
+        ("ran", 0, ["threading-atexit", "thread", "atexit"]),
+        ("user-error", USER_ERROR_EXIT, ["threading-atexit", "thread", "atexit"]),
+        # a crash exits the stock way: its traceback, then the teardown
+        ("crash", 1, ["threading-atexit", "thread", "atexit", "teardown"]),
+    ],
+)
+def test_a_step_process_exits_without_the_teardown_but_runs_its_exit_handlers(
+    tmp_path, how, status, events
+):
+    import subprocess
+    import sys
+
+    from benchmarks.workloads import REPO
+
+    events_file = tmp_path / "events.txt"
+    done = subprocess.run(
+        [sys.executable, "-c", STEP, str(events_file), how],
+        cwd=REPO,
+        env={"PATH": "/usr/bin:/bin", OUTCOME_ENV: str(tmp_path / "outcome.json")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == status, done.stderr
+    assert done.stdout == "buffered"  # flushed before the process left
+    # threading's exit hooks, the wait for the non-daemon thread, then atexit's handlers, in the
+    # order of a normal exit; the teardown itself only after a crash
+    assert events_file.read_text().split() == events
+    assert read_outcome(tmp_path / "outcome.json")["status"] == {
+        "ran": "ran", "user-error": "user_error", "crash": "crashed"
+    }[how]  # fmt: skip
