@@ -8,6 +8,8 @@ import secrets
 import shutil
 import subprocess
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,28 @@ from benchmarks.workloads import make_project
 from steps.servers import free_port
 
 PG_USER = "llmpipe"
+
+
+def wait_until(
+    ready: Callable[[], bool], proc: subprocess.Popen, log: Path, timeout: float, what: str
+) -> None:
+    """Poll ready() every 0.5 s until it holds. Fails with the end of `log` when `proc` exits
+    first or after `timeout` seconds; a ready() that raises OSError or AssertionError (a server
+    not listening yet, a request refused) counts as not ready yet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"{what}: exited {proc.returncode}: " + log_tail(log)
+        try:
+            if ready():
+                return
+        except (OSError, AssertionError):
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{what}: not after {timeout:.0f} s: " + log_tail(log))
+
+
+def log_tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:] if log.is_file() else f"({log} missing)"
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -20,7 +19,7 @@ import pytest
 
 from benchmarks.workloads import make_project, tiny_params
 from steps.servers import free_port
-from tests.flows.conftest import PG_USER
+from tests.flows.conftest import PG_USER, wait_until
 from tests.flows.test_cli_errors import last_line
 from tests.flows.test_stack import Api, basic, processes_in
 
@@ -97,18 +96,11 @@ def shared(tmp_path_factory, postgres, tiny_model_dir):
     )  # fmt: skip
     api = Api(f"http://127.0.0.1:{ports[0]}/api", auth)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
-            try:
-                up = "llmpipe is up" in log.read_text(errors="replace")
-                if up and len(api("/deployments/filter", {})) == 2:
-                    break
-            except (OSError, AssertionError):
-                pass
-            time.sleep(1)
-        else:
-            pytest.fail("the stack did not come up: " + log.read_text(errors="replace")[-3000:])
+        wait_until(
+            lambda: "llmpipe is up" in log.read_text(errors="replace")
+            and len(api("/deployments/filter", {})) == 2,
+            proc, log, 240, "the stack did not come up",
+        )  # fmt: skip
         yield {
             "proc": proc, "project": project, "log": log, "root": root, "login": login,
             "api": api, "prefect_auth": auth, "mlflow": f"http://127.0.0.1:{ports[1]}",

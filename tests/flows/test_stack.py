@@ -25,6 +25,7 @@ import pytest
 
 from benchmarks.workloads import make_project, tiny_params
 from steps.servers import free_port, wait_http
+from tests.flows.conftest import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -136,19 +137,14 @@ def start_up(root: Path, tiny_model_dir: Path, terminal: bool = False) -> dict:
                 start_new_session=True,
             )  # fmt: skip
     base = f"http://127.0.0.1:{prefect_port}/api"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log_path.read_text(errors="replace")[-3000:]
+
+    def both_deployments() -> bool:
+        nonlocal auth
         if auth is None and (found := LOGIN_LINE.search(bytes(screen))):
             auth = found.group(1).decode()
-        try:
-            if auth and len(Api(base, auth)("/deployments/filter", {})) == 2:
-                break
-        except (OSError, AssertionError):
-            pass
-        time.sleep(1)
-    else:
-        pytest.fail("deployments did not appear: " + log_path.read_text(errors="replace")[-3000:])
+        return bool(auth) and len(Api(base, auth)("/deployments/filter", {})) == 2
+
+    wait_until(both_deployments, proc, log_path, 240, "deployments did not appear")
     return {
         "api": Api(base, auth),
         "base": base,

@@ -30,6 +30,7 @@ from benchmarks.workloads import SAMPLE_TEXT, commit_all, edit_params, make_proj
 from flows.manual import PROJECT_ENV
 from steps.serve import complete
 from steps.servers import free_port, stop_process_group
+from tests.flows.conftest import wait_until
 from tests.flows.test_shared_servers import database_urls, up_env
 
 pytestmark = pytest.mark.integration
@@ -55,11 +56,7 @@ def lock_outs(project: Path, stage: str) -> list[dict]:
 
 
 def wait_for_text(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in path.read_text(errors="replace"):
-        assert proc.poll() is None, path.read_text(errors="replace")[-3000:]
-        assert time.monotonic() < deadline, path.read_text(errors="replace")[-3000:]
-        time.sleep(0.5)
+    wait_until(lambda: text in path.read_text(errors="replace"), proc, path, timeout, repr(text))
 
 
 def client_env(prefect: str, ui_auth: str, mlflow: str, login: tuple[str, str]) -> dict[str, str]:
