@@ -6,9 +6,10 @@ corpus -> model_source -> base_model -> prepare -> train -> evaluate -> register
 -> promote. The champion moves last, and only after the gate passed and the candidate served.
 Each is a Prefect task that runs one stage of the table in a subprocess (flows/runner.py): the DVC
 stages through `dvc repro --single-item`, so DVC decides what is up to date (its cache is the
-pipeline's cache); register, smoke_serve and promote, which change MLflow rather than files, as
-their own commands. Timeouts and retries come from the table. User errors fail at once; anything
-else is retried with back-off.
+pipeline's cache); register and smoke_serve, which change MLflow rather than files, as their own
+commands. promote, a compare-and-set of one alias, runs in this process (the one task that loads
+no model and starts nothing). Timeouts and retries come from the table. User errors fail at once;
+anything else is retried with back-off.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from steps.errors import UserError
 from steps.outputs import write_bytes
 from steps.params import EMBEDDED_CHAT, EMBEDDED_DATA, EMBEDDED_MODEL, Params, apply_overrides
 from steps.prepare import assign_splits, check_block_size
+from steps.promote import promote
 from steps.records import read_records, read_texts
 from steps.registry import champion_version
 from steps.stages import STAGE, Stage, dvc_stages
@@ -347,14 +349,24 @@ def prove_and_promote(
     reasons.append(served["verdict"])
     if not served["within_budget"]:
         return served, {"promoted": False, "reasons": reasons}
-    expected = ("--expected-champion", reg["champion_before"])
-    moved = task_facts(
-        run_task(STAGE["promote"], project, env, ("--version", reg["version"], *expected))
-    )
+    moved = promote_task.with_options(
+        timeout_seconds=STAGE["promote"].timeout_s, retries=STAGE["promote"].retries
+    )(env["MLFLOW_TRACKING_URI"], reg["model_name"], reg["version"], reg["champion_before"])
     if moved["promoted"]:
         reg["aliases"] = sorted({*reg["aliases"], "champion"})
     promotion = {"promoted": moved["promoted"], "reasons": reasons + moved["reasons"]}
     return served, {**promotion, "seconds": moved["seconds"]}
+
+
+@task(name="promote", **RETRY_POLICY)
+def promote_task(uri: str, name: str, version: str, expected: str) -> dict:
+    """steps/promote.py's compare-and-set, in the flow's process: a few calls to the registry,
+    which this process already talks to (as its own command it spent ~2 s importing MLflow again);
+    the same compare-and-set as `python -m steps.promote` and `llmpipe promote`."""
+    started = time.perf_counter()
+    moved = promote(uri, name, version, expected)
+    get_run_logger().info("promote: " + "; ".join(moved["reasons"]))
+    return {**moved, "seconds": time.perf_counter() - started}
 
 
 def task_facts(outcome: dict) -> dict:

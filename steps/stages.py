@@ -163,7 +163,7 @@ STAGES: tuple[Stage, ...] = (
         retries=1,
         dvc=False,
     ),
-    Stage(
+    Stage(  # the flow calls steps.promote.promote in its own process (MLflow is loaded there)
         "promote",
         "steps.promote",
         params=("register",),
