@@ -17,9 +17,10 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,20 +77,28 @@ def smoke_serve(
     prompts: list[Prompt] | None = None,
     max_tokens: int = SMOKE_TOKENS,
     require_end: bool = False,
+    prepared: Path | None = None,
 ) -> dict:
     """Serve `model_uri` on a free loopback port, time `requests` requests at temperature 0 (at
     least one per prompt, in turn; chat requests for an llm/v1/chat model), stop serving, then
     compare the answers with in-process greedy generation of the same prompts (the parity check).
 
     `prompts`: chat messages ending before an assistant turn (chat model) or texts (completions
-    model); by default one built-in prompt."""
+    model); by default one built-in prompt. `prepared`: prepared data whose held-out prompts are
+    asked too (heldout_prompts)."""
     with tempfile.TemporaryDirectory() as tmp:
-        local = download_model(model_uri, uri, Path(tmp) / "model")
-        task = logged_task(local)
-        # the built-in prompt first (its answer is the one reported), then any held-out ones
-        prompts = check_prompts([*default_prompts(task), *(prompts or [])], task)
-        asked = [prompts[i % len(prompts)] for i in range(max(requests, len(prompts)))]
-        answers, latencies_ms, ready_s = serve_and_ask(model_uri, uri, asked, max_tokens, Path(tmp))
+        # The server loads the model (seconds) while this process reads what to ask; the requests
+        # are timed only once both are done, and the model is loaded here only after the server
+        # stopped (one copy in memory at a time).
+        with starting_scoring_server(model_uri, uri, Path(tmp) / "server.log") as starting:
+            local = download_model(model_uri, uri, Path(tmp) / "model")
+            task = logged_task(local)
+            # the built-in prompt first (its answer is the one reported), then any held-out ones
+            prompts = [*default_prompts(task), *(prompts or []), *(heldout_prompts(prepared) or [])]
+            prompts = check_prompts(prompts, task)
+            asked = [prompts[i % len(prompts)] for i in range(max(requests, len(prompts)))]
+            server = starting.ready()
+            answers, latencies_ms = ask_all(server, asked, max_tokens)
         # An empty answer is not a fault by itself: greedy decoding of a small or barely trained
         # model can end its turn at once. The parity check below says whether the server answered
         # what the model itself generates.
@@ -103,7 +112,7 @@ def smoke_serve(
         "task": task,
         "prompt": prompt_label(prompts[0]),
         "completion": answers[0],
-        "ready_seconds": ready_s,
+        "ready_seconds": server.ready_seconds,
         "requests": len(asked),
         "p50_ms": percentile(latencies_ms, 0.5),
         "p95_ms": percentile(latencies_ms, 0.95),
@@ -118,6 +127,61 @@ class ScoringServer:
     ready_seconds: float  # from start until /ping answered 200 (the model loaded)
 
 
+@dataclass(frozen=True)
+class StartingServer:
+    url: str
+    proc: subprocess.Popen
+    ready: Callable[[], ScoringServer]  # waits until /ping answered 200
+
+
+@contextmanager
+def starting_scoring_server(
+    model_uri: str,
+    uri: str,
+    log_file: Path,
+    timeout: float = 600,
+    extra_env: dict[str, str] | None = None,
+    grace: float = 15,
+) -> Iterator[StartingServer]:
+    """The stock scoring server (serve_command) for `model_uri` of the registry at `uri`, on a
+    free loopback port, in a session of its own, its output in `log_file`; yielded at once, so
+    the caller can work while the model loads; its ready() returns the ScoringServer once /ping
+    answered 200. A thread polls /ping from the start: ready_seconds is when it first answered,
+    not when the caller asked. Its process group is stopped on exit (SIGTERM, then SIGKILL after
+    `grace` s)."""
+    port = free_port()
+    env = {**server_env(uri), **(extra_env or {})}
+    with log_file.open("wb") as log:
+        proc = subprocess.Popen(serve_command(model_uri, LOOPBACK, port), stdout=log, env=env,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        url = f"http://{LOOPBACK}:{port}"
+        started = time.monotonic()
+        waited: dict = {}
+
+        def poll() -> None:
+            try:
+                wait_http(f"{url}/ping", proc, "scoring server", timeout, log_file,
+                          ready=range(200, 201))  # fmt: skip
+                waited["seconds"] = time.monotonic() - started
+            except Exception as err:  # raised in the caller's thread, by ready()
+                waited["error"] = err
+
+        poller = threading.Thread(target=poll, name="scoring-server-ready", daemon=True)
+        poller.start()
+
+        def ready() -> ScoringServer:
+            while poller.is_alive():  # short joins: a signal still stops the caller
+                poller.join(0.2)
+            if "error" in waited:
+                raise waited["error"]
+            return ScoringServer(url, proc, waited["seconds"])
+
+        yield StartingServer(url, proc, ready)
+    finally:
+        stop_process_group(proc, grace=grace)
+
+
 @contextmanager
 def scoring_server(
     model_uri: str,
@@ -127,35 +191,21 @@ def scoring_server(
     extra_env: dict[str, str] | None = None,
     grace: float = 15,
 ) -> Iterator[ScoringServer]:
-    """The stock scoring server (serve_command) for `model_uri` of the registry at `uri`, on a
-    free loopback port, in a session of its own, its output in `log_file`; yielded once /ping
-    answers 200, its process group stopped on exit (SIGTERM, then SIGKILL after `grace` s)."""
-    port = free_port()
-    env = {**server_env(uri), **(extra_env or {})}
-    with log_file.open("wb") as log:
-        proc = subprocess.Popen(serve_command(model_uri, LOOPBACK, port), stdout=log, env=env,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    try:
-        url = f"http://{LOOPBACK}:{port}"
-        started = time.monotonic()
-        wait_http(f"{url}/ping", proc, "scoring server", timeout, log_file, ready=range(200, 201))
-        yield ScoringServer(url, proc, time.monotonic() - started)
-    finally:
-        stop_process_group(proc, grace=grace)
+    """starting_scoring_server, yielded once /ping answers 200."""
+    with starting_scoring_server(model_uri, uri, log_file, timeout, extra_env, grace) as starting:
+        yield starting.ready()
 
 
-def serve_and_ask(
-    model_uri: str, uri: str, prompts: list[Prompt], max_tokens: int, tmp: Path
-) -> tuple[list[str], list[float], float]:
-    """Serve `model_uri`, ask each prompt in turn at temperature 0, stop serving: the answers,
-    each request's latency (ms) and the seconds until the server answered /ping."""
-    with scoring_server(model_uri, uri, tmp / "server.log") as server:
-        answers, latencies_ms = [], []
-        for prompt in prompts:
-            sent = time.perf_counter()
-            answers.append(ask(server.url, prompt, max_tokens))
-            latencies_ms.append((time.perf_counter() - sent) * 1000)
-    return answers, latencies_ms, server.ready_seconds
+def ask_all(
+    server: ScoringServer, prompts: list[Prompt], max_tokens: int
+) -> tuple[list[str], list[float]]:
+    """Ask each prompt in turn at temperature 0: the answers and each request's latency (ms)."""
+    answers, latencies_ms = [], []
+    for prompt in prompts:
+        sent = time.perf_counter()
+        answers.append(ask(server.url, prompt, max_tokens))
+        latencies_ms.append((time.perf_counter() - sent) * 1000)
+    return answers, latencies_ms
 
 
 def version_location(uri: str, model_uri: str) -> str:
@@ -332,9 +382,8 @@ def main() -> dict:
     args = stage_arguments(text=("model_uri",))
     params = load_params(args.params)
     uri = tracking_uri(args.params.resolve().parent)
-    report = smoke_serve(
-        args.model_uri, uri, params.serve.smoke_requests, heldout_prompts(args.prepared)
-    )
+    print(f"smoke_serve: serving {args.model_uri} with `mlflow models serve` on {LOOPBACK} ...")
+    report = smoke_serve(args.model_uri, uri, params.serve.smoke_requests, prepared=args.prepared)
     record_latency(uri, args.model_uri, report)
     report["within_budget"], report["verdict"] = within_budget(report, params.serve.max_p95_ms)
     print(f"smoke_serve: {args.model_uri} answered {report['completion']!r}; {report['verdict']}")

@@ -70,3 +70,30 @@ def test_serve_without_a_champion_is_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     line = one_line_error(done)
     assert line == "error: registered model 'llmpipe' has no champion yet; run `llmpipe run` first"
+
+
+def test_the_scoring_server_loads_while_its_caller_works_and_says_when_it_was_ready(
+    golden, tmp_path
+):
+    """smoke_serve starts the server first and reads what to ask meanwhile: the server it is
+    handed says when /ping first answered, not when the caller got round to asking; a server
+    that exits before answering is raised to the caller."""
+    import time
+
+    from steps.serve import starting_scoring_server
+
+    uri = f"sqlite:///{golden[0]}/mlflow.db"
+    started = time.monotonic()
+    with starting_scoring_server("models:/llmpipe@champion", uri, tmp_path / "a.log") as starting:
+        wait_http(f"{starting.url}/ping", starting.proc, "server", 300, ready=range(200, 201))
+        seen = time.monotonic() - started  # the caller's own view of when the model had loaded
+        time.sleep(3)  # the caller is still busy
+        server = starting.ready()
+        assert server.ready_seconds <= seen + 0.6  # polled from the start, every 0.5 s
+        assert server.url == starting.url
+        assert isinstance(complete(server.url, "In Python, the for statement", max_tokens=2), str)
+    assert server.proc.poll() is not None  # stopped on exit
+
+    missing = starting_scoring_server("models:/llmpipe/99", uri, tmp_path / "b.log")
+    with missing as starting, pytest.raises(RuntimeError, match="scoring server exited with"):
+        starting.ready()

@@ -24,7 +24,7 @@ LLMPIPE = Path(sys.executable).parent / "llmpipe"
 STOP_POINTS = [
     (signal.SIGTERM, "Running stage 'train'"),  # inside a DVC stage
     (signal.SIGHUP, "Task run 'register-"),  # while the candidate is registered
-    (signal.SIGINT, "Task run 'smoke_serve-"),  # while the candidate is being served
+    (signal.SIGINT, "smoke_serve: serving models:/"),  # while the candidate is being served
 ]
 
 
