@@ -183,16 +183,10 @@ def starting_scoring_server(
 
 
 @contextmanager
-def scoring_server(
-    model_uri: str,
-    uri: str,
-    log_file: Path,
-    timeout: float = 600,
-    extra_env: dict[str, str] | None = None,
-    grace: float = 15,
-) -> Iterator[ScoringServer]:
-    """starting_scoring_server, yielded once /ping answers 200."""
-    with starting_scoring_server(model_uri, uri, log_file, timeout, extra_env, grace) as starting:
+def scoring_server(model_uri: str, uri: str, log_file: Path, **options) -> Iterator[ScoringServer]:
+    """starting_scoring_server (the same options: timeout, extra_env, grace), yielded once /ping
+    answers 200."""
+    with starting_scoring_server(model_uri, uri, log_file, **options) as starting:
         yield starting.ready()
 
 

@@ -30,10 +30,11 @@ def scoring_server(golden, tmp_path_factory):
     root = tmp_path_factory.mktemp("scoring")
     project = shutil.copytree(golden[0], root / "project", symlinks=True)
     registry = f"sqlite:///{project}/mlflow.db"
-    timeout = {"MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S)}
+    env = {"MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": str(REQUEST_TIMEOUT_S)}
+    log = root / "server.log"
     # grace 5: the runaway generation below delays a graceful stop
     with serve.scoring_server(
-        "models:/llmpipe@champion", registry, root / "server.log", 300, timeout, grace=5
+        "models:/llmpipe@champion", registry, log, timeout=300, extra_env=env, grace=5
     ) as server:
         yield server.url, server.proc
 
