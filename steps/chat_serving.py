@@ -10,11 +10,19 @@ server is asked at temperature 0 and its answer must equal, character for charac
 tokenizer's chat template (`apply_chat_template(..., add_generation_prompt=True)`), text through
 the tokenizer as it is.
 `generate_reply` is the one home of that generation: `llmpipe chat` answers with it too.
+
+The in-process side can be made once, when the model is registered (`greedy_record`: the replies
+keyed by prompt, the budget, and where they were generated), and kept in the logged model's MLmodel
+metadata; the serving check then compares the server's answers with that record, and generates
+here only the replies it lacks (steps/serve.py).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import socket
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -146,6 +154,50 @@ def text_relay(tokenizer, on_text: Callable[[str], None]):
     return Relay(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
+def serving_device() -> str:
+    """The device MLflow's scoring server generates on: GPU 0 when there is one, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def serving_place() -> dict[str, str | None]:
+    """Where replies are generated, as far as it decides their numerics: the host and the GPUs it
+    may use. Replies recorded at one place are not the reference for a server at another."""
+    return {
+        "host": socket.gethostname(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+    }
+
+
+def prompt_key(prompt: Prompt) -> str:
+    """A prompt's key in a record of replies: the SHA-256 of its canonical JSON."""
+    return hashlib.sha256(json.dumps(prompt, sort_keys=True).encode()).hexdigest()
+
+
+def greedy_record(model, tokenizer, prompts: list[Prompt], max_tokens: int) -> dict:
+    """In-process greedy replies to `prompts` in the server's form (served_form), keyed by
+    prompt_key, with the budget, the end-of-turn token and the place they were made at: what the
+    server's answers at temperature 0 must equal."""
+    replies = {}
+    for prompt in prompts:
+        reply = generate_reply(model, tokenizer, prompt, max_tokens)
+        replies[prompt_key(prompt)] = {"text": served_form(tokenizer, reply), "ended": reply.ended}
+    return {
+        "max_tokens": max_tokens,
+        "end_token": end_of_turn_name(model, tokenizer),
+        "place": serving_place(),
+        "replies": replies,
+    }
+
+
+def merge_records(first: dict | None, second: dict) -> dict:
+    """`second` with the replies of `first` (made with the same budget) it lacks."""
+    if first is None:
+        return second
+    return {**second, "replies": {**first["replies"], **second["replies"]}}
+
+
 # -- parity --------------------------------------------------------------------------------------
 
 
@@ -166,17 +218,18 @@ def check_parity(
 ) -> list[ParityCheck]:
     """Ask the running server each prompt at temperature 0 and generate it greedily here."""
     served = [[ask(url, prompt, max_tokens)] for prompt in prompts]
-    return parity_checks(model, tokenizer, prompts, served, max_tokens)
+    return parity_checks(prompts, served, greedy_record(model, tokenizer, prompts, max_tokens))
 
 
 def parity_checks(
-    model, tokenizer, prompts: list[Prompt], served: list[list[str]], max_tokens: int
+    prompts: list[Prompt], served: list[list[str]], record: dict
 ) -> list[ParityCheck]:
-    """The server's answers (per prompt) beside in-process greedy replies to the same prompts."""
+    """The server's answers (per prompt) beside the greedy replies of `record` (greedy_record) to
+    the same prompts; a KeyError for a prompt it lacks."""
     checks = []
     for prompt, answers in zip(prompts, served, strict=True):
-        reply = generate_reply(model, tokenizer, prompt, max_tokens)
-        checks.append(ParityCheck(prompt, answers, served_form(tokenizer, reply), reply.ended))
+        reply = record["replies"][prompt_key(prompt)]
+        checks.append(ParityCheck(prompt, answers, reply["text"], reply["ended"]))
     return checks
 
 

@@ -4,10 +4,13 @@
         --metrics metrics/eval.json --prepared data/prepared [--no-promote]   # the flow's task
 
 Logs the tuned model with the MLflow transformers flavor as `llm/v1/completions` (OpenAI-style
-payloads) into the flow's run, registers a new version tagged with its lineage, and points
-`challenger` at it. Then it applies the gate (steps/gate.py): the upper end of the new model's 95%
-bootstrap interval must beat the base model's and the current champion's perplexity on the same
-test split, by `register.min_improvement`; a champion measured on another split is re-scored through
+payloads; `llm/v1/chat` when it was tuned on chat data) into the flow's run, registers a new version
+tagged with its lineage, and points `challenger` at it. While the model is loaded for logging, its
+greedy replies to the smoke check's prompts are generated and kept in its MLmodel metadata, the
+reference smoke_serve compares the server's answers with.
+Then it applies the gate (steps/gate.py): the upper end of the new model's 95% bootstrap interval
+must beat the base model's and the current champion's perplexity on the same test split, by
+`register.min_improvement`; a champion measured on another split is re-scored through
 steps/scoring.py, exactly as the candidate was. It does not move `champion`: the flow serves the
 candidate first (smoke_serve) and only then promotes it (steps/promote.py), against the champion
 this step saw. A model already registered (same DVC hash of the tuned model) is not registered
@@ -47,6 +50,7 @@ from steps.scoring import (
     measurement,
     score_heldout,
 )
+from steps.serve import SMOKE_TOKENS, smoke_prompts
 from steps.tracking import flow_run
 
 
@@ -161,7 +165,14 @@ def register(
     mv = find_version_by_tag(client, name, "model_hash", tags["model_hash"])
     new = mv is None
     if new:
-        mv = log_and_register(uri, name, tuned_model, tags, task=served_as(prepared))
+        mv = log_and_register(
+            uri,
+            name,
+            tuned_model,
+            tags,
+            task=served_as(prepared),
+            replies_to=lambda task: (smoke_prompts(task, prepared), SMOKE_TOKENS),
+        )
         print(f"register: {name} version {mv.version} (challenger)")
     else:
         print(f"register: this model is already {name} version {mv.version}; nothing registered")

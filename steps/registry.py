@@ -12,6 +12,7 @@ champion" and let a run promote over one it failed to see.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
@@ -41,6 +42,10 @@ SERVING_INFERENCE_CONFIG = {"do_sample": False}
 # text again: without this a tokenizer that adds BOS would put a second one before the template's.
 CHAT_INFERENCE_CONFIG = {**SERVING_INFERENCE_CONFIG, "add_special_tokens": False}
 
+
+# The logged model's MLmodel metadata key of its greedy replies to the smoke check's prompts,
+# recorded at registration (steps/chat_serving.py greedy_record; read by steps/serve.py).
+RECORDED_REPLIES = "llmpipe_greedy_replies"
 
 MEASURED = "measured_"  # version tags measured_<key>: how its perplexity was measured
 
@@ -109,12 +114,20 @@ def inference_config(task: str) -> dict:
 
 
 def log_and_register(
-    uri: str, name: str, model_dir: Path, tags: dict[str, str], task: str | None = None
+    uri: str,
+    name: str,
+    model_dir: Path,
+    tags: dict[str, str],
+    task: str | None = None,
+    replies_to: Callable[[str], tuple[list, int]] | None = None,
 ):
     """Log `model_dir` into the flow's run (transformers flavor; OpenAI-style chat when its
     tokenizer has a chat template, else completions; greedy by default), register it as a new
     version of `name` with `tags`, and point `challenger` at it. `task` overrides the choice
     (register serves a model fine-tuned on raw text as completions, template or not).
+    `replies_to(task)`: (prompts, max_tokens) whose greedy replies, generated here on the server's
+    device by the model being logged, go into its MLmodel metadata (RECORDED_REPLIES), so the
+    serving check need not load the model again.
 
     The tags are set in the call that creates the version, so a retry after a crash finds the
     version by its model_hash tag instead of registering an untagged duplicate."""
@@ -130,6 +143,14 @@ def log_and_register(
         "tokenizer": AutoTokenizer.from_pretrained(model_dir),
     }
     task = task or serving_task(components["tokenizer"])
+    metadata = None
+    if replies_to is not None:
+        from steps.chat_serving import greedy_record, serving_device
+
+        prompts, max_tokens = replies_to(task)
+        model = components["model"].to(serving_device())
+        record = greedy_record(model, components["tokenizer"], prompts, max_tokens)
+        metadata = {RECORDED_REPLIES: record}
     with inside_flow_run():
         # mlflow.transformers.log_model() is this call with validate_serving_input on: MLflow
         # would reload the model and complete the input example in-process (12-17 s of the
@@ -145,6 +166,7 @@ def log_and_register(
             model_config=inference_config(task),
             pip_requirements=pip_requirements(),
             input_example=INPUT_EXAMPLES[task],
+            metadata=metadata,
         )
         mv = mlflow.register_model(info.model_uri, name, tags=tags)
     MlflowClient(uri).set_registered_model_alias(name, CHALLENGER, mv.version)

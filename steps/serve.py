@@ -30,17 +30,27 @@ from steps.chat_serving import (
     Prompt,
     answer_text,
     ask,
-    end_of_turn_name,
+    greedy_record,
     is_chat,
+    merge_records,
     parity_checks,
     parity_verdict,
+    prompt_key,
     prompt_label,
+    serving_device,
+    serving_place,
 )
 from steps.errors import UserError
 from steps.executables import with_interpreter_on_path
 from steps.outcome import run_step
 from steps.params import load_params
-from steps.registry import CHAMPION, CHAT_TASK, COMPLETIONS_TASK, champion_version
+from steps.registry import (
+    CHAMPION,
+    CHAT_TASK,
+    COMPLETIONS_TASK,
+    RECORDED_REPLIES,
+    champion_version,
+)
 from steps.servers import LOOPBACK, ensure_port_free, free_port, stop_process_group, wait_http
 from steps.tracking import RegistryUnavailable, check_registry, registry_exists, tracking_uri
 
@@ -81,32 +91,40 @@ def smoke_serve(
 ) -> dict:
     """Serve `model_uri` on a free loopback port, time `requests` requests at temperature 0 (at
     least one per prompt, in turn; chat requests for an llm/v1/chat model), stop serving, then
-    compare the answers with in-process greedy generation of the same prompts (the parity check).
+    compare the answers with in-process greedy generation of the same prompts (the parity check):
+    the replies recorded when the version was registered (recorded_replies), and for any prompt
+    they lack, the logged model loaded and generated here.
 
     `prompts`: chat messages ending before an assistant turn (chat model) or texts (completions
     model); by default one built-in prompt. `prepared`: prepared data whose held-out prompts are
     asked too (heldout_prompts)."""
     with tempfile.TemporaryDirectory() as tmp:
         # The server loads the model (seconds) while this process reads what to ask; the requests
-        # are timed only once both are done, and the model is loaded here only after the server
-        # stopped (one copy in memory at a time).
+        # are timed only once both are done. A model loaded here (for replies not recorded at
+        # registration) is loaded only after the server stopped: one copy in memory at a time.
         with starting_scoring_server(model_uri, uri, Path(tmp) / "server.log") as starting:
-            local = download_model(model_uri, uri, Path(tmp) / "model")
-            task = logged_task(local)
-            # the built-in prompt first (its answer is the one reported), then any held-out ones
-            prompts = [*default_prompts(task), *(prompts or []), *(heldout_prompts(prepared) or [])]
-            prompts = check_prompts(prompts, task)
+            location = version_location(uri, model_uri)
+            logged = download_mlmodel(location, uri, Path(tmp) / "mlmodel")
+            task = logged_task(logged)
+            prompts = check_prompts([*smoke_prompts(task, prepared), *(prompts or [])], task)
             asked = [prompts[i % len(prompts)] for i in range(max(requests, len(prompts)))]
             server = starting.ready()
             answers, latencies_ms = ask_all(server, asked, max_tokens)
         # An empty answer is not a fault by itself: greedy decoding of a small or barely trained
         # model can end its turn at once. The parity check below says whether the server answered
         # what the model itself generates.
-        model, tokenizer = load_logged(local)
-        served = [answers[i :: len(prompts)] for i in range(len(prompts))]
-        checks = parity_checks(model, tokenizer, prompts, served, max_tokens)
-        end_token = end_of_turn_name(model, tokenizer)
-    ok, reason = parity_verdict(checks, max_tokens, end_token, require_end)
+        record = recorded_replies(logged, max_tokens)
+        missing = [p for p in prompts if record is None or prompt_key(p) not in record["replies"]]
+        if missing:
+            local = download_logged(location, uri, Path(tmp) / "model")
+            model, tokenizer = load_logged(local)
+            record = merge_records(record, greedy_record(model, tokenizer, missing, max_tokens))
+    served = [answers[i :: len(prompts)] for i in range(len(prompts))]
+    checks = parity_checks(prompts, served, record)
+    ok, reason = parity_verdict(checks, max_tokens, record["end_token"], require_end)
+    reference = (
+        f"{len(prompts) - len(missing)} recorded at registration, {len(missing)} generated here"
+    )
     return {
         "model_uri": model_uri,
         "task": task,
@@ -116,7 +134,7 @@ def smoke_serve(
         "requests": len(asked),
         "p50_ms": percentile(latencies_ms, 0.5),
         "p95_ms": percentile(latencies_ms, 0.95),
-        "parity": {"ok": ok, "reason": reason, "prompts": len(prompts)},
+        "parity": {"ok": ok, "reason": reason, "prompts": len(prompts), "reference": reference},
     }
 
 
@@ -217,13 +235,27 @@ def version_location(uri: str, model_uri: str) -> str:
     return client.get_model_version_download_uri(name, version)
 
 
-def download_model(model_uri: str, uri: str, dest: Path) -> Path:
-    """The logged model behind `model_uri` in the registry at `uri`, as a local MLflow model."""
+def download_logged(location: str, uri: str, dest: Path) -> Path:
+    """The logged model at artifact `location` (version_location), as a local MLflow model."""
     from mlflow.artifacts import download_artifacts
 
     dest.mkdir(parents=True)
-    location = version_location(uri, model_uri)
     return Path(download_artifacts(location, dst_path=str(dest), tracking_uri=uri))
+
+
+def download_model(model_uri: str, uri: str, dest: Path) -> Path:
+    """The logged model behind `model_uri` in the registry at `uri`, as a local MLflow model."""
+    return download_logged(version_location(uri, model_uri), uri, dest)
+
+
+def download_mlmodel(location: str, uri: str, dest: Path) -> Path:
+    """Only the MLmodel file of the logged model at `location`: its flavor and metadata, without
+    copying its weights."""
+    from mlflow.artifacts import download_artifacts
+
+    dest.mkdir(parents=True)
+    mlmodel = location.rstrip("/") + "/MLmodel"
+    return Path(download_artifacts(mlmodel, dst_path=str(dest), tracking_uri=uri))
 
 
 def logged_task(local: Path) -> str:
@@ -235,15 +267,25 @@ def logged_task(local: Path) -> str:
     return flavor.get("inference_task") or COMPLETIONS_TASK
 
 
+def recorded_replies(local: Path, max_tokens: int) -> dict | None:
+    """The greedy replies recorded in a logged model's metadata when it was registered
+    (steps/registry.py log_and_register), when they were made with `max_tokens` at this place
+    (serving_place: the same host and GPUs as the server here); else None."""
+    from mlflow.models import Model
+
+    record = (Model.load(str(local)).metadata or {}).get(RECORDED_REPLIES)
+    if not record or record["max_tokens"] != max_tokens or record["place"] != serving_place():
+        return None
+    return record
+
+
 def load_logged(local: Path):
     """(model, tokenizer) of a local MLflow transformers model, on the device the scoring server
     uses (MLflow serves on GPU 0 when there is one)."""
     import mlflow
-    import torch
 
     parts = mlflow.transformers.load_model(str(local), return_type="components")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return parts["model"].to(device), parts["tokenizer"]
+    return parts["model"].to(serving_device()), parts["tokenizer"]
 
 
 def default_prompts(task: str) -> list[Prompt]:
@@ -370,6 +412,13 @@ def heldout_prompts(prepared: Path | None) -> list | None:
     if held.kind == "chat":
         return chat_prompts(held.items, PARITY_PROMPTS)
     return sample_prompts(held.items, PARITY_PROMPTS)
+
+
+def smoke_prompts(task: str, prepared: Path | None) -> list[Prompt]:
+    """What the smoke check asks a model of `task`: the built-in prompt first (its answer is the
+    one reported), then the held-out prompts of `prepared` (heldout_prompts). Register records the
+    model's greedy replies to the same prompts."""
+    return [*default_prompts(task), *(heldout_prompts(prepared) or [])]
 
 
 def main() -> dict:

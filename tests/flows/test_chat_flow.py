@@ -96,6 +96,7 @@ def test_a_chat_lora_run_scores_responses_registers_a_chat_model_and_serves_it(c
     assert version.tags["serve_parity"].startswith(
         "served answers equal in-process greedy generation for 4 of 4 prompts"
     )
+    assert summary["serve"]["parity"]["reference"] == "4 recorded at registration, 0 generated here"
     from flows.report import report_markdown
 
     report = report_markdown(summary, root)

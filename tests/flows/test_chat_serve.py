@@ -33,6 +33,9 @@ PROMPTS = [
 ]
 
 
+SMOKE_PROMPTS = [SMOKE_MESSAGES, *PROMPTS[1:]]  # what the smoke test below asks the chat model
+
+
 def talkative_chat_model(src: Path, dest: Path) -> Path:
     """The tiny chat model made to say something and sometimes end its turn.
 
@@ -90,7 +93,9 @@ def registry(tmp_path_factory, tiny_chat_model_dir, tiny_model_dir):
         env.setenv("MLFLOW_TRACKING_URI", uri)
         for name, model_dir in (("chat", talkative), ("plain", tiny_model_dir)):
             env.setenv("MLFLOW_RUN_ID", client.create_run(experiment).info.run_id)
-            log_and_register(uri, name, model_dir, {"model_hash": name})
+            # the chat model's greedy replies are recorded as register records them; plain's not
+            replies_to = (lambda task: (SMOKE_PROMPTS, BUDGET)) if name == "chat" else None
+            log_and_register(uri, name, model_dir, {"model_hash": name}, replies_to=replies_to)
     import mlflow
 
     mlflow.set_tracking_uri(None)
@@ -185,6 +190,49 @@ def test_smoke_serve_asks_a_chat_model_chat_requests(registry):
     assert report["prompt"] == SMOKE_MESSAGES[-1]["content"]
     assert report["completion"] == greedy(talkative, SMOKE_MESSAGES)[0].lstrip()
     assert report["parity"]["ok"] and report["parity"]["prompts"] == 3
+    assert report["parity"]["reference"] == "3 recorded at registration, 0 generated here"
+
+
+def test_the_replies_recorded_at_registration_are_the_reference_where_they_apply(
+    registry, tmp_path, monkeypatch
+):
+    """A version's recorded replies are what the served answers must equal (a record that does not
+    match the model fails the check); made with another budget, or for another place (here: other
+    GPUs visible), they are not used and the replies are generated from the logged model."""
+    import yaml
+    from mlflow import MlflowClient
+
+    from steps.registry import RECORDED_REPLIES, log_and_register
+    from steps.serve import version_location
+
+    uri, talkative = registry
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("llmpipe").experiment_id
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_RUN_ID", client.create_run(experiment).info.run_id)
+    mv = log_and_register(uri, "tampered", talkative, {"model_hash": "tampered"},
+                          replies_to=lambda task: (SMOKE_PROMPTS[:1], BUDGET))  # fmt: skip
+    monkeypatch.delenv("MLFLOW_RUN_ID")
+    mlmodel = Path(version_location(uri, f"models:/tampered/{mv.version}").removeprefix("file://"))
+    mlmodel = mlmodel / "MLmodel"
+    logged = yaml.safe_load(mlmodel.read_text())
+    [reply] = logged["metadata"][RECORDED_REPLIES]["replies"].values()
+    assert reply["text"] == greedy(talkative, SMOKE_MESSAGES)[0].lstrip()
+    reply["text"] = "not what the model says"
+    mlmodel.write_text(yaml.safe_dump(logged))
+
+    report = smoke_serve(f"models:/tampered/{mv.version}", uri, max_tokens=BUDGET)
+    assert not report["parity"]["ok"] and report["parity"]["reason"].endswith(
+        "expected 'not what the model says'"
+    )
+    assert report["parity"]["reference"] == "1 recorded at registration, 0 generated here"
+
+    other_budget = smoke_serve(f"models:/tampered/{mv.version}", uri, max_tokens=BUDGET - 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # hides no GPU here, but is another place
+    other_place = smoke_serve(f"models:/tampered/{mv.version}", uri, max_tokens=BUDGET)
+    for report in (other_budget, other_place):
+        assert report["parity"]["ok"], report["parity"]["reason"]
+        assert report["parity"]["reference"] == "0 recorded at registration, 1 generated here"
 
 
 def test_a_completions_model_still_serves_greedy_completions(registry, tiny_model_dir):
@@ -203,6 +251,7 @@ def test_a_completions_model_still_serves_greedy_completions(registry, tiny_mode
         "reason": "served answers equal in-process greedy generation for 1 of 1 prompts; "
         "1 of 1 hit the 8-token budget before </s>",
         "prompts": 1,
+        "reference": "0 recorded at registration, 1 generated here",
     }
 
 

@@ -96,6 +96,8 @@ def test_first_run_trains_registers_promotes_and_serves(golden):
     serve = first_run["serve"]
     assert serve["model_uri"] == "models:/llmpipe/1" and serve["parity"]["ok"], serve
     assert serve["requests"] == 5 and 0 < serve["p50_ms"] <= serve["p95_ms"]
+    # the built-in prompt and 3 held-out openings, their greedy replies recorded by register
+    assert serve["parity"]["reference"] == "4 recorded at registration, 0 generated here", serve
     assert float(version.tags["serve_p95_ms"]) == pytest.approx(serve["p95_ms"], rel=1e-3)
     assert first_run["promotion"]["promoted"] is True
     assert first_run["promotion"]["reasons"][-1] == "champion moved from none to version 1"
