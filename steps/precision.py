@@ -16,13 +16,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-
 Precision = Literal["auto", "fp32", "bf16"]
 
 
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX on this CPU (torch's own probes of the instruction set)."""
+    import torch
+
     for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
         check = getattr(torch.cpu, probe, None)
         if check is not None and check():
@@ -35,6 +35,8 @@ def bf16_autocast(device_type: str, precision: Precision = "auto") -> bool:
     if precision != "auto":
         return precision == "bf16"
     if device_type == "cuda":
+        import torch
+
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return device_type == "cpu" and cpu_has_native_bf16()
 
@@ -42,6 +44,8 @@ def bf16_autocast(device_type: str, precision: Precision = "auto") -> bool:
 def training_bf16(precision: Precision = "auto") -> bool:
     """Whether training on this machine's device (CUDA when visible, else CPU) runs under bf16
     autocast."""
+    import torch
+
     return bf16_autocast("cuda" if torch.cuda.is_available() else "cpu", precision)
 
 
