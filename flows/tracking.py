@@ -34,6 +34,7 @@ def open_run(
 ) -> tuple[str, str]:
     """Create the flow run's MLflow run; return (run id, experiment id)."""
     from mlflow import MlflowClient
+    from mlflow.entities import Param
 
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(EXPERIMENT)
@@ -53,8 +54,12 @@ def open_run(
             **extra_tags,
         },
     )
-    for key, value in flat_params(params).items():
-        client.log_param(run.info.run_id, key, value)
+    # in batches (MLflow takes 100 params a request): one request per param was ~49 of them, each
+    # ~0.2 s against a tracking server behind MLflow's basic-auth (which checks the password's
+    # hash on every request): ~10 s of each run on the team's servers
+    logged = [Param(key, value) for key, value in flat_params(params).items()]
+    for start in range(0, len(logged), 100):
+        client.log_batch(run.info.run_id, params=logged[start : start + 100])
     return run.info.run_id, experiment_id
 
 
@@ -63,11 +68,11 @@ def tag_stage_lineage(
 ) -> dict[str, str]:
     """Once `stage` has run, dvc.lock holds the hashes it declares as lineage (data, models)."""
     from mlflow import MlflowClient
+    from mlflow.entities import RunTag
 
     tags = stage_lineage(project, params.model_dump(by_alias=True), [stage])
-    client = MlflowClient(uri)
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+    if tags:  # one request, not one a tag (see open_run)
+        MlflowClient(uri).log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     return tags
 
 

@@ -83,6 +83,13 @@ def test_first_run_trains_registers_promotes_and_serves(golden):
     experiment = client.get_experiment_by_name("llmpipe").experiment_id
     assert len(client.search_runs([experiment])) == 1  # one run per flow run, no stray ones
     assert run.data.tags["data_hash"] == version.tags["data_hash"]
+    # every value of params.yaml, as `section.key` (logged in one batch when the run opens)
+    from flows.tracking import flat_params
+    from steps.params import load_params
+
+    expected = flat_params(load_params(project / "params.yaml"))
+    assert {k: run.data.params.get(k) for k in expected} == expected
+    assert run.data.params["train.max_steps"] == "8" and len(expected) > 40
     assert run.data.metrics["perplexity"] == pytest.approx(metrics["perplexity"])
     assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -386,8 +393,17 @@ def test_each_run_leaves_a_report_artifact_in_prefect(first_run):
     assert f"Measured with window 64, stride 32, {label('cpu')} on cpu, tokenizer `" in ours[0]
 
 
-def test_retrain_skips_unchanged_data_then_runs_after_data_add(golden, project, prefect_server):
-    """What the scheduled deployment does: nothing while the data is the champion's, a run after."""
+def test_retrain_skips_unchanged_data_then_continues_from_the_champion_after_data_add(
+    golden, project, prefect_server
+):
+    """What the scheduled deployment does: nothing while the data is the champion's; after a
+    `data add`, a run, here fine-tuning the champion instead of the base model (one run checks
+    both: the base-model path is the golden run's)."""
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+    from transformers import AutoModelForCausalLM
+
     from flows.finetune import finetune
     from steps.lineage import file_md5
 
@@ -420,38 +436,25 @@ def test_retrain_skips_unchanged_data_then_runs_after_data_add(golden, project, 
         [BIN / "llmpipe", "data", "add", str(new)], cwd=project, text=True, capture_output=True
     )
     assert added.returncode == 0, added.stderr
-    rerun = finetune(project_dir=str(project), only_if_data_changed=True, serve_check=False)
-    assert "skipped" not in rerun
-    ran = {s["name"] for s in rerun["stages"] if not s["skipped"]}
-    assert {"prepare", "train", "evaluate"} <= ran
-    assert rerun["register"]["tags"]["data_hash"] == file_md5(project / "data/raw/new_topics.jsonl")
-    assert rerun["register"]["new_version"] is True
-
-
-def test_continue_from_champion_fine_tunes_the_registered_model(project, prefect_server):
-    """Scheduled retraining can start from the champion instead of the base model."""
-    from mlflow import MlflowClient
-
-    from flows.finetune import finetune
-
     mlflow_uri = uri_of(project)
     champion = MlflowClient(mlflow_uri).get_model_version_by_alias("llmpipe", "champion")
-    summary = finetune(
+    rerun = finetune(
         project_dir=str(project),
+        only_if_data_changed=True,
         continue_from_champion=True,
         serve_check=False,
         overrides=["train.max_steps=4"],
     )
+    assert "skipped" not in rerun
+    ran = {s["name"] for s in rerun["stages"] if not s["skipped"]}
+    assert {"base_model", "prepare", "train", "evaluate"} <= ran
+    assert rerun["register"]["tags"]["data_hash"] == file_md5(project / "data/raw/new_topics.jsonl")
+    assert rerun["register"]["new_version"] is True
     # the champion was this run's base; params.yaml is the project's again (edits were for the run)
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert params["base_model"]["source"] != f"models:/llmpipe/{champion.version}"
-    ran = {s["name"] for s in summary["stages"] if not s["skipped"]}
-    assert {"base_model", "prepare", "train", "evaluate"} <= ran
+    assert params["prepare"]["data"] == "data/raw/new_topics.jsonl"  # what `data add` wrote
     # the new base model is the champion, weight for weight
-    import mlflow
-    import torch
-    from transformers import AutoModelForCausalLM
-
     mlflow.set_tracking_uri(mlflow_uri)
     registered = mlflow.transformers.load_model(
         f"models:/llmpipe/{champion.version}", return_type="components"
@@ -459,4 +462,4 @@ def test_continue_from_champion_fine_tunes_the_registered_model(project, prefect
     base = AutoModelForCausalLM.from_pretrained(project / "models/base").state_dict()
     assert registered.keys() == base.keys()
     assert all(torch.equal(registered[k], base[k]) for k in base)
-    assert summary["register"]["tags"]["base_model"] == f"models:/llmpipe/{champion.version}"
+    assert rerun["register"]["tags"]["base_model"] == f"models:/llmpipe/{champion.version}"
