@@ -22,23 +22,11 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)  # each test project uses its own ml
 signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-# With `make test TEST_WORKERS=2` (`-n 2 --dist loadgroup`) each worker builds its own session
-# fixtures (in its own temporary directories), and the tests of one xdist_group are meant to run
-# on one worker: group "fixed-ports" holds the tests that bind a port the README names (4200, 5000,
-# 5001). Measured: the README walk's tests still ran on both workers (their ports collided), so
-# `make test` runs in one process by default.
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(items):
-    """The tests that share a module-scoped fixture form a group of their module, so that
-    fixture (a stack of servers, a run of the flow) is built once, not once per worker."""
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info is None or item.get_closest_marker("xdist_group"):
-            continue
-        if any(defs[-1].scope == "module" for defs in info.name2fixturedefs.values()):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+# `make test` runs two pytest-xdist workers with --dist loadfile: each test file on one worker, so
+# a module's fixtures (a stack of servers, the README walk and its fixed ports 4200, 5000, 5001)
+# are built once; session fixtures (the tiny model, the Prefect server, the golden project) once
+# per worker. (--dist loadgroup's xdist_group marks do nothing under pytest 9: xdist 3.8 renames
+# an attribute pytest no longer reads, and the walk ran on both workers.)
 
 
 @pytest.fixture(scope="session")

@@ -148,7 +148,6 @@ def test_the_login_comes_from_the_environment_or_is_generated():
             ui_auth({AUTH_ENV: bad})
 
 
-@pytest.mark.xdist_group("fixed-ports")  # should it start the stack, it binds the README's ports
 def test_up_without_a_login_or_a_terminal_refuses_before_starting_anything(monkeypatch, tmp_path):
     from flows import stack
 

@@ -52,9 +52,8 @@ import pytest
 
 from benchmarks.workloads import REPO, SAMPLE_TEXT, commit_all, edit_params, tiny_params
 
-# One worker runs the whole walk (its `walk` fixture is built once per worker that asks for it),
-# and no test that binds the README's ports runs beside it: a port in use would skip its rows.
-pytestmark = pytest.mark.xdist_group("fixed-ports")
+# One worker runs the whole walk (`make test`'s --dist loadfile keeps a file on one worker), and
+# no other test binds the README's ports: a port in use would skip its rows.
 
 README = REPO / "README.md"
 SHELL_PATH = "/usr/local/bin:/usr/bin:/bin"  # a login shell's PATH: no venv on it
