@@ -1,11 +1,15 @@
-"""steps/train.py: collator, precision, fingerprint, and a 30-step run of the tiny model."""
+"""steps/train.py: collator, precision, fingerprint, threads, a 30-step run of the tiny model."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,8 @@ from steps.params import PrepareParams, TrainParams
 from steps.train import causal_lm_batch, run_fingerprint, train
 
 pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_causal_lm_batch_labels_are_a_copy_of_inputs():
@@ -109,3 +115,18 @@ def test_train_end_to_end(tmp_path, monkeypatch, tiny_model_dir, tiny_model):
     tuned_ppl = score_texts(tuned, tuned_tok, texts, 64, 32)["perplexity"]
     assert tuned_ppl < 0.8 * base_ppl
     shutil.rmtree(out_dir)
+
+
+def test_training_threads_honour_omp_num_threads_else_every_core():
+    """A user's OMP_NUM_THREADS (a shared machine, parallel jobs) is what the train step uses;
+    without it, every core. Run in fresh interpreters: torch reads the variable at start."""
+    script = "from steps.train import set_cpu_threads; print(set_cpu_threads())"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+
+    def threads(**extra) -> int:
+        out = subprocess.run([sys.executable, "-c", script], env={**env, **extra},
+                             cwd=REPO, capture_output=True, text=True, check=True)  # fmt: skip
+        return int(out.stdout.split()[-1])
+
+    assert threads(OMP_NUM_THREADS="1") == 1
+    assert threads() == os.cpu_count()
