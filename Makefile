@@ -31,9 +31,10 @@ chat: $(STAMP)  ## fine-tune the embedded chat example with LoRA end to end
 # PYTEST_ARGS=--randomly-seed=N repeats an order, -p no:randomly keeps file order), on two
 # pytest-xdist workers, each test file on one worker (--dist loadfile: the README walk's tests share
 # its fixed ports and a module's tests share its fixtures), OMP_NUM_THREADS=1 (two workers of two
-# threads each oversubscribed the 2 cores; the train stage still takes every core). Measured on
-# 2 cores: one process 1,552 s, two workers 1,045 s (1,251 s with loadgroup, whose groups
-# pytest 9 ignores: the walk ran on both). TEST_WORKERS=0: one process.
+# threads each oversubscribed the 2 cores; the train stage honours it too). Measured on 2 cores:
+# one process 1,552 s, two workers 895 s (1,045 s while the train stage still took every core;
+# 1,251 s with loadgroup, whose groups pytest 9 ignores: the walk ran on both).
+# TEST_WORKERS=0: one process.
 # gpu tests run wherever CUDA is present.
 TEST_WORKERS ?= 2
 PYTEST_ARGS  ?=
