@@ -12,9 +12,10 @@ default params), then a fully cached re-run. Each share is measured, none inferr
 - MLflow: the same sampling, over every llmpipe process (the flow's and each step's): the flow's
   run, params and lineage tags, the Trainer's MLflow callback, log_model and the registry.
 - DVC: for each DVC stage, its task's wall time (`dvc repro --single-item`) less the lifetime of
-  the step process DVC started (its creation to its exit handlers, from its profile): DVC's start,
-  hashing, cache copies, dvc.lock. The interpreter's last teardown, after the exit handlers,
-  falls in DVC's share: an over-estimate.
+  the step process DVC started (its creation to its exit handlers, from its profile) and less the
+  flow's logging of what the step left for its MLflow run (MLflow's, sampled in the flow): DVC's
+  start, hashing, cache copies, dvc.lock. The interpreter's last teardown, after the exit
+  handlers, falls in DVC's share: an over-estimate.
 Each is divided by the flow process's wall time (its creation to its exit). Goal: the three
 together <= 3% of the first run. Also printed, not checked: llmpipe's own code outside the stages
 (input checks, the lock, launching tasks), and the cached re-run's wall time against the first's.
@@ -91,15 +92,24 @@ def split(run: dict) -> dict[str, float]:
     flow = flows[0]["seconds"]
     tasks = [*summary["stages"], summary["register"], summary.get("serve", {})]
     tasks.append(summary.get("promotion", {}))
-    dvc = sum(stage["seconds"] - step_lifetime(stage, profiles) for stage in summary["stages"])
+    dvc = sum(dvc_seconds(stage, profiles) for stage in summary["stages"])
     return {
         "wall": flows[0]["wall_seconds"],
         "prefect": flow["prefect"],
         "dvc": dvc,
         "mlflow": sum(p["seconds"]["mlflow"] for p in profiles),
-        "llmpipe_flow_code": flow["llmpipe"] - sum(t.get("seconds", 0.0) for t in tasks),
+        # a task's logging into the flow's run is sampled as MLflow's, not as llmpipe's
+        "llmpipe_flow_code": flow["llmpipe"]
+        - sum(t.get("seconds", 0.0) - t.get("log_seconds", 0.0) for t in tasks),
         "stages": sum(t.get("seconds", 0.0) for t in tasks),
     }
+
+
+def dvc_seconds(stage: dict, profiles: list[dict]) -> float:
+    """DVC's own seconds in a DVC stage's task: its wall time less the step process's life and
+    less the flow's logging of what the step left for its MLflow run (log_seconds: sampled in
+    the flow's process as MLflow's; counting it here too would count it twice)."""
+    return stage["seconds"] - step_lifetime(stage, profiles) - stage.get("log_seconds", 0.0)
 
 
 def step_lifetime(stage: dict, profiles: list[dict]) -> float:
@@ -138,8 +148,7 @@ def report(label: str, run: dict) -> dict[str, float]:
     by = ", ".join(f"{k} {v:.1f}" for k, v in mlflow_by_process(run).items() if v >= 0.05)
     print(f"  MLflow seconds by process: {by}")
     per_stage = ", ".join(
-        f"{t['name']} {t['seconds'] - step_lifetime(t, run['profiles']):.1f}"
-        for t in run["summary"]["stages"]
+        f"{t['name']} {dvc_seconds(t, run['profiles']):.1f}" for t in run["summary"]["stages"]
     )
     print(f"  DVC seconds by stage: {per_stage}")
     return s

@@ -45,6 +45,9 @@ class StageOutcome:
     # the step's process from its creation to its outcome record (its interpreter's start and
     # imports too); for a DVC stage, seconds - process_seconds is DVC's own time (0 when skipped)
     process_seconds: float = 0.0
+    # this process logging into the flow's MLflow run what the step left for it (inside `seconds`,
+    # after the step's process ended: MLflow's time, not DVC's)
+    log_seconds: float = 0.0
     facts: dict = field(default_factory=dict)  # what the step returned (counts, metrics, ...)
 
     def to_dict(self) -> dict:
@@ -118,14 +121,18 @@ def run_stage(
         raise StageFailed(f"stage {stage.name!r} failed (exit {code}): {why}")
     if record is None:
         return StageOutcome(stage.name, skipped=True, seconds=seconds)
+    log_seconds = 0.0
     if record.get("log"):  # what the step asked to log into the flow's run: the run it saw
+        logging = time.perf_counter()
         log_request(run_env["MLFLOW_TRACKING_URI"], run_env["MLFLOW_RUN_ID"], record["log"])
-        seconds = time.perf_counter() - started  # the logging is the task's too
+        log_seconds = time.perf_counter() - logging
+        seconds += log_seconds  # the logging is the task's too
     return StageOutcome(
         stage.name,
         False,
         seconds,
         record["seconds"],
         process_seconds=record.get("process_seconds", 0.0),
+        log_seconds=log_seconds,
         facts=record.get("facts", {}),
     )
