@@ -47,10 +47,12 @@ def format_summary(summary: dict, seconds: float) -> str:
     retried = sum(t.get("retried_seconds", 0.0) for t in tasks)
     overhead = seconds - inside - retried
     lines = [
+        # Time between the stages only: DVC's and MLflow's work inside a stage counts as the
+        # stage's (benchmarks/orchestration.py measures those shares too)
         f"llmpipe run finished in {seconds / 60:.1f} min "
-        f"(orchestration {overhead:.0f} s = {overhead / seconds:.1%}; "
+        f"({overhead:.0f} s = {overhead / seconds:.1%} between the stages; "
         + (f"failed attempts and their retries {retried:.0f} s; " if retried >= 0.5 else "")
-        + "the rest inside the stages)",
+        + "the rest inside them, DVC's and MLflow's work there included)",
         f"  stages      {stages}",
         f"  perplexity  base {m['base_perplexity']:.3f} -> tuned {m['perplexity']:.3f}"
         f" ({change:+.1%})"

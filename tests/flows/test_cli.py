@@ -28,9 +28,10 @@ SUMMARY = {
 }  # fmt: skip
 
 
-def test_summary_reports_orchestration_share_perplexity_and_registry():
+def test_summary_reports_time_between_stages_perplexity_and_registry():
     text = format_summary(SUMMARY, 450.0)
-    assert "orchestration 12 s = 2.7%" in text  # 450 - (405 + 20 + 10 + 3)
+    # 450 - (405 + 20 + 10 + 3); not called orchestration: DVC and MLflow work inside the stages
+    assert "(12 s = 2.7% between the stages; the rest inside them" in text
     assert "prepare cached · train 400s" in text
     assert "base 13.700 -> tuned 9.600 (-29.9%)" in text
     assert "version 4 (new) aliases: challenger, champion" in text
