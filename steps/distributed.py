@@ -128,6 +128,16 @@ def rank_threads(local_world: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, local_world))
 
 
+def share_cpu_threads(local_world: int = 1) -> int:
+    """Set this training process's CPU threads and return them: OMP_NUM_THREADS when set (by the
+    user, for a shared machine or jobs side by side; torch read it at start), else the cores
+    shared among the machine's `local_world` processes (torch's own default counts only physical
+    cores)."""
+    if not os.environ.get("OMP_NUM_THREADS", "").strip():
+        torch.set_num_threads(rank_threads(local_world))
+    return torch.get_num_threads()
+
+
 def enter_rank() -> None:
     """In a process torchrun started: only rank 0 keeps the outcome record; the rank is killed
     when its launcher dies (torchrun starts each rank in a session of its own, out of reach of a
@@ -145,7 +155,7 @@ def enter_rank() -> None:
     if torch.cuda.is_available():  # before any weights load: a 4-bit base loads onto this GPU
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     else:
-        torch.set_num_threads(rank_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        share_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def is_main_process() -> bool:

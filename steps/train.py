@@ -285,14 +285,6 @@ def write_loss_curve(history: list[dict], path: Path) -> None:
                 w.writerow([row["step"], row["loss"], row.get("learning_rate", "")])
 
 
-def set_cpu_threads() -> int:
-    """Threads for a training process on one machine: every core (torch's default counts only
-    physical ones), unless the user set OMP_NUM_THREADS (a shared machine, or parallel jobs)."""
-    if not os.environ.get("OMP_NUM_THREADS", "").strip():
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
-    return torch.get_num_threads()
-
-
 def main() -> dict:
     args = stage_arguments()
     params = load_params(args.params).train
@@ -303,7 +295,7 @@ def main() -> dict:
     if distributed.launched():
         distributed.enter_rank()
     else:
-        set_cpu_threads()
+        distributed.share_cpu_threads()
     metrics = train(
         params,
         args.base_model,

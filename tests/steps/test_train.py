@@ -117,16 +117,20 @@ def test_train_end_to_end(tmp_path, monkeypatch, tiny_model_dir, tiny_model):
     shutil.rmtree(out_dir)
 
 
-def test_training_threads_honour_omp_num_threads_else_every_core():
-    """A user's OMP_NUM_THREADS (a shared machine, parallel jobs) is what the train step uses;
-    without it, every core. Run in fresh interpreters: torch reads the variable at start."""
-    script = "from steps.train import set_cpu_threads; print(set_cpu_threads())"
+def test_training_threads_honour_omp_num_threads_else_share_the_cores():
+    """A user's OMP_NUM_THREADS (a shared machine, parallel jobs) is what a training process
+    uses, alone or as one of several ranks; without it, every core shared among the machine's
+    processes. Fresh interpreters: torch reads the variable at start."""
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
 
-    def threads(**extra) -> int:
+    def threads(local_world: int, **extra) -> int:
+        script = f"from steps.distributed import share_cpu_threads as s; print(s({local_world}))"
         out = subprocess.run([sys.executable, "-c", script], env={**env, **extra},
                              cwd=REPO, capture_output=True, text=True, check=True)  # fmt: skip
         return int(out.stdout.split()[-1])
 
-    assert threads(OMP_NUM_THREADS="1") == 1
-    assert threads() == os.cpu_count()
+    cores = os.cpu_count() or 1
+    assert threads(1, OMP_NUM_THREADS="1") == 1
+    assert threads(2, OMP_NUM_THREADS="2") == min(2, cores)  # torch keeps to the cores
+    assert threads(1) == cores
+    assert threads(2) == max(1, cores // 2)
