@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import secrets
 import shutil
 import subprocess
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +39,34 @@ def wait_until(
             pass
         time.sleep(0.5)
     pytest.fail(f"{what}: not after {timeout:.0f} s: " + log_tail(log))
+
+
+def request(
+    url: str, body: dict | None = None, headers: dict | None = None, method: str | None = None
+) -> tuple[int, object]:
+    """(status, JSON body) of one HTTP call; an error status is returned, not raised.
+
+    A 503 is asked again, as Prefect's own client does (prefect.client.base retries 429, 502 and
+    503): the server answers 503 when its SQLite database stayed busy, after rolling back, so the
+    call did nothing and may be repeated (seen once in CI, on create_flow_run, with 2 busy cores).
+    """
+    data = None if body is None else json.dumps(body).encode()
+    waits = [1, 2, 4, 8]  # then the fifth answer stands, whatever it is
+    while True:
+        req = urllib.request.Request(
+            url,
+            data=data,
+            method=method or ("POST" if data else "GET"),
+            headers={"Content-Type": "application/json", **(headers or {})},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read() or b"null")
+        except urllib.error.HTTPError as err:
+            status, answer = err.code, json.loads(err.read() or b"null")
+        if status != 503 or not waits:
+            return status, answer
+        time.sleep(waits.pop(0))
 
 
 def log_tail(log: Path) -> str:

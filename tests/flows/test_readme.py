@@ -51,6 +51,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.workloads import REPO, SAMPLE_TEXT, commit_all, edit_params, tiny_params
+from tests.flows.conftest import request
 
 # One worker runs the whole walk (`make test`'s --dist loadfile keeps a file on one worker), and
 # no other test binds the README's ports: a port in use would skip its rows.
@@ -174,10 +175,10 @@ Row = Run | Serve | Mention | NotRun
 
 
 def get_json(url: str, body: dict | None = None) -> dict | list:
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=60) as resp:
-        return json.loads(resp.read())
+    """The JSON answer of one call (a 503 from a busy Prefect server asked again: request())."""
+    status, answer = request(url, body)
+    assert status == 200, (url, status, answer)
+    return answer
 
 
 def champion_in_mlflow_ui(walk: Walk, output: str) -> None:

@@ -25,40 +25,12 @@ import pytest
 
 from benchmarks.workloads import make_project, tiny_params
 from steps.servers import free_port, wait_http
-from tests.flows.conftest import wait_until
+from tests.flows.conftest import request, wait_until
 
 pytestmark = pytest.mark.integration
 
 LLMPIPE = Path(sys.executable).parent / "llmpipe"
 LOGIN_LINE = re.compile(rb"Prefect UI login \(type it whole\): (\S+)")
-
-
-def request(
-    url: str, body: dict | None = None, headers: dict | None = None, method: str | None = None
-) -> tuple[int, object]:
-    """(status, JSON body) of one HTTP call; an error status is returned, not raised.
-
-    A 503 is asked again, as Prefect's own client does (prefect.client.base retries 429, 502 and
-    503): the server answers 503 when its SQLite database stayed busy, after rolling back, so the
-    call did nothing and may be repeated (seen once in CI, on create_flow_run, with 2 busy cores).
-    """
-    data = None if body is None else json.dumps(body).encode()
-    waits = [1, 2, 4, 8]  # then the fifth answer stands, whatever it is
-    while True:
-        req = urllib.request.Request(
-            url,
-            data=data,
-            method=method or ("POST" if data else "GET"),
-            headers={"Content-Type": "application/json", **(headers or {})},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                return resp.status, json.loads(resp.read() or b"null")
-        except urllib.error.HTTPError as err:
-            status, answer = err.code, json.loads(err.read() or b"null")
-        if status != 503 or not waits:
-            return status, answer
-        time.sleep(waits.pop(0))
 
 
 def basic(auth: str) -> dict[str, str]:
