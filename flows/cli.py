@@ -24,6 +24,7 @@ from pathlib import Path
 
 from flows.chat import add_arguments as add_chat_arguments
 from flows.report import stages_text
+from flows.stack import PrefectServerUnavailable, temporary_prefect_server
 from steps.environment import quiet_offline_env
 from steps.errors import USER_ERROR_EXIT, UserError
 from steps.outcome import exit_fast
@@ -117,6 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     unwind_on_signals()
     try:
         check_registry(tracking_uri(Path.cwd()))
+        temporary_prefect_server(Path.cwd())  # unless PREFECT_API_URL names one
         summary = finetune(
             project_dir=".",
             overrides=args.set or [],
@@ -127,7 +129,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except (UserError, UserInputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return USER_ERROR_EXIT
-    except (WorkspaceBusy, RegistryUnavailable) as err:
+    except (WorkspaceBusy, RegistryUnavailable, PrefectServerUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:
@@ -234,10 +236,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     expand_grid(args.set or [])  # a malformed axis fails before Prefect starts
     unwind_on_signals()
     try:
+        temporary_prefect_server(Path.cwd())  # unless PREFECT_API_URL names one
         result = sweep(project_dir=".", grid=args.set, serve_check=not args.no_serve_check)
     except (UserError, UserInputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return USER_ERROR_EXIT
+    except PrefectServerUnavailable as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as err:
         return stopped(err)
     for run in result["runs"]:
@@ -439,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Prefect allows its temporary server 20 s to start; a busy laptop can take longer.
+# Prefect allows its temporary server 20 s to start; a busy laptop can take longer (the same
+# setting bounds the start of the one llmpipe starts instead: flows/stack.py)
 EPHEMERAL_STARTUP_S = "120"
 
 

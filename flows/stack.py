@@ -24,12 +24,15 @@ PREFECT_API_AUTH_STRING for the clients); the MLflow UI and the pipeline's stage
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import ctypes
 import os
 import secrets
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -39,8 +42,15 @@ from flows import shared_servers
 from flows.shared_servers import SharedServers
 from steps.environment import quiet_offline_env
 from steps.errors import UserError
+from steps.executables import interpreter_bin
 from steps.servers import LOOPBACK as HOST
-from steps.servers import MLFLOW_UI_PORT, PREFECT_PORT, stop_process_group, wait_http
+from steps.servers import (
+    MLFLOW_UI_PORT,
+    PREFECT_PORT,
+    free_port,
+    stop_process_group,
+    wait_http,
+)
 from steps.tracking import tracking_uri
 
 AUTH_ENV = "LLMPIPE_UI_AUTH"  # user:password for the Prefect UI and API; generated when unset
@@ -114,6 +124,76 @@ def runner_env(base: dict[str, str], auth: str) -> dict[str, str]:
 def start(cmd: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
     """`cmd` in its own session; it shares our output but never reads the terminal's input."""
     return subprocess.Popen(cmd, env=env, cwd=cwd, stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+class PrefectServerUnavailable(Exception):
+    """The temporary Prefect server of a run did not start."""
+
+
+# Prefect's own setting for its temporary server's start (it allows 20 s; cli.main sets 120)
+STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+
+
+def die_with_parent() -> None:
+    """In a child between fork and exec: SIGTERM it when the process that started it dies, even
+    by SIGKILL (Linux's PR_SET_PDEATHSIG; elsewhere nothing)."""
+    if sys.platform == "linux":
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def temporary_prefect_server(project: Path) -> str | None:
+    """For `llmpipe run` and `llmpipe sweep` when no Prefect server is configured (PREFECT_API_URL,
+    in the environment or Prefect's profile): start one for this process, point PREFECT_API_URL at
+    it and return that URL; None when one is configured.
+
+    It is the server Prefect would start by itself (its ephemeral mode: the API without the UI, on
+    PREFECT_HOME's database), but in a session of its own. Prefect starts its own in llmpipe's
+    process group, so a terminal's Ctrl-C, or a service manager's SIGTERM to the whole group,
+    stopped it together with llmpipe, which then spent minutes retrying a dead server to report
+    the run crashed, printed its tracebacks and exited 1. Now the signal reaches llmpipe alone: it
+    stops the stage, reports the crash to a server still up, and exits 128 + N. The server stops
+    at exit, after Prefect's log and event workers have drained (they drain in threading's exit
+    hooks, before atexit's), and with llmpipe if llmpipe is killed outright (die_with_parent)."""
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import PREFECT_API_URL
+
+    if PREFECT_API_URL.value():
+        return None
+    port = free_port()
+    api = f"http://{HOST}:{port}/api"
+    log = Path(tempfile.mkstemp(prefix="llmpipe-prefect-server-", suffix=".log")[1])
+    env = {
+        **os.environ,
+        "PREFECT__SERVER_EPHEMERAL": "1",  # what Prefect sets for its temporary server
+        "PREFECT_CLI_PROMPT": "false",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    cmd = [str(interpreter_bin() / "prefect"), "server", "start", "--host", HOST,
+           "--port", str(port), "--no-ui", "--log-level", "error"]  # fmt: skip
+    with log.open("w") as err:
+        server = subprocess.Popen(cmd, env=env, cwd=project, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+                                  preexec_fn=die_with_parent)  # fmt: skip
+    atexit.register(stop_temporary_server, server, log)
+    print(f"llmpipe: a temporary Prefect server for this run on {api} (`llmpipe up` keeps one, "
+          "with its UI; or set PREFECT_API_URL)", file=sys.stderr, flush=True)  # fmt: skip
+    timeout = float(os.environ.get(STARTUP_TIMEOUT_ENV) or 120)
+    try:
+        wait_http(f"{api}/health", server, "the temporary Prefect server", timeout, log)
+    except RuntimeError as err:
+        raise PrefectServerUnavailable(
+            f"{err} (within {timeout:.0f} s; more: {STARTUP_TIMEOUT_ENV}=N)"
+        ) from None
+    os.environ["PREFECT_API_URL"] = api  # for this process's Prefect client, and its children
+    os.environ["PREFECT_UI_URL"] = ""  # it serves no UI: no "View at" link to a page that is not
+    refresh_global_settings_context()  # Prefect read its settings at import: read them again
+    return api
+
+
+def stop_temporary_server(server: subprocess.Popen, log: Path) -> None:
+    stop_process_group(server, grace=10)
+    log.unlink(missing_ok=True)
 
 
 def mlflow_ui_cmd(bin_dir: Path, uri: str, port: int) -> list[str]:
