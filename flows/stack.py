@@ -176,8 +176,8 @@ def temporary_prefect_server(project: Path) -> str | None:
                                   stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
                                   preexec_fn=die_with_parent)  # fmt: skip
     atexit.register(stop_temporary_server, server, log)
-    print(f"llmpipe: a temporary Prefect server for this run on {api} (`llmpipe up` keeps one, "
-          "with its UI; or set PREFECT_API_URL)", file=sys.stderr, flush=True)  # fmt: skip
+    print(f"llmpipe: a temporary Prefect server on {api}, stopped at exit (`llmpipe up` keeps "
+          "one, with its UI; or set PREFECT_API_URL)", file=sys.stderr, flush=True)  # fmt: skip
     timeout = float(os.environ.get(STARTUP_TIMEOUT_ENV) or 120)
     try:
         wait_http(f"{api}/health", server, "the temporary Prefect server", timeout, log)

@@ -73,7 +73,7 @@ def test_a_run_stopped_at_any_step_changes_nothing_and_leaves_nothing(
             env["PREFECT_API_URL"] = prefect_server
         output = run_and_stop(project, env, sig, marker)
         if "PREFECT_API_URL" not in env:  # its own server, out of reach of the group's signal
-            assert "llmpipe: a temporary Prefect server for this run on http://127.0.0.1:" in output
+            assert "llmpipe: a temporary Prefect server on http://127.0.0.1:" in output
         assert f"error: llmpipe stopped by {sig.name}; the running stage was killed" in output
         assert "Traceback" not in output, output[-3000:]
         assert champion_version(uri, "llmpipe") is None, f"{sig.name} at {marker!r}"
