@@ -162,7 +162,9 @@ def temporary_prefect_server(project: Path) -> str | None:
         return None
     port = free_port()
     api = f"http://{HOST}:{port}/api"
-    log = Path(tempfile.mkstemp(prefix="llmpipe-prefect-server-", suffix=".log")[1])
+    fd, name = tempfile.mkstemp(prefix="llmpipe-prefect-server-", suffix=".log")
+    os.close(fd)
+    log = Path(name)
     env = {
         **os.environ,
         "PREFECT__SERVER_EPHEMERAL": "1",  # what Prefect sets for its temporary server
