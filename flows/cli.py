@@ -24,7 +24,7 @@ from pathlib import Path
 
 from flows.chat import add_arguments as add_chat_arguments
 from flows.report import stages_text
-from flows.stack import PrefectServerUnavailable, temporary_prefect_server
+from flows.stack import PrefectServerUnavailable, prefect_server_for_run
 from steps.environment import quiet_offline_env
 from steps.errors import USER_ERROR_EXIT, UserError
 from steps.outcome import exit_fast
@@ -118,7 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     unwind_on_signals()
     try:
         check_registry(tracking_uri(Path.cwd()))
-        temporary_prefect_server(Path.cwd())  # unless PREFECT_API_URL names one
+        prefect_server_for_run(Path.cwd())  # PREFECT_API_URL's, once it answers, or a temporary one
         summary = finetune(
             project_dir=".",
             overrides=args.set or [],
@@ -236,7 +236,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     expand_grid(args.set or [])  # a malformed axis fails before Prefect starts
     unwind_on_signals()
     try:
-        temporary_prefect_server(Path.cwd())  # unless PREFECT_API_URL names one
+        prefect_server_for_run(Path.cwd())  # PREFECT_API_URL's, once it answers, or a temporary one
         result = sweep(project_dir=".", grid=args.set, serve_check=not args.no_serve_check)
     except (UserError, UserInputError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -34,6 +34,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TextIO
@@ -142,10 +144,33 @@ def die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
-def temporary_prefect_server(project: Path) -> str | None:
-    """For `llmpipe run` and `llmpipe sweep` when no Prefect server is configured (PREFECT_API_URL,
-    in the environment or Prefect's profile): start one for this process, point PREFECT_API_URL at
-    it and return that URL; None when one is configured.
+def prefect_server_for_run(project: Path) -> str:
+    """The Prefect API that `llmpipe run` or `llmpipe sweep` reports to: the configured one
+    (PREFECT_API_URL, in the environment or Prefect's profile) once it answers, else a temporary
+    one started here (temporary_prefect_server). A configured server that does not answer is one
+    line (PrefectServerUnavailable), not Prefect's traceback from deep inside the flow's start."""
+    from prefect.settings import PREFECT_API_URL
+
+    configured = PREFECT_API_URL.value()
+    if not configured:
+        return temporary_prefect_server(project)
+    try:
+        with urllib.request.urlopen(f"{configured.rstrip('/')}/health", timeout=15):
+            pass
+    except urllib.error.HTTPError:
+        pass  # it answers (a login it wants, say): Prefect's client takes it from here
+    except (urllib.error.URLError, OSError) as err:
+        why = getattr(err, "reason", err)
+        raise PrefectServerUnavailable(
+            f"the Prefect server at PREFECT_API_URL ({configured}) does not answer ({why}); "
+            "start it (`llmpipe up`), or unset PREFECT_API_URL for a temporary one"
+        ) from None
+    return configured
+
+
+def temporary_prefect_server(project: Path) -> str:
+    """For `llmpipe run` and `llmpipe sweep` when no Prefect server is configured: start one for
+    this process, point PREFECT_API_URL at it and return that URL.
 
     It is the server Prefect would start by itself (its ephemeral mode: the API without the UI, on
     PREFECT_HOME's database), but in a session of its own. Prefect starts its own in llmpipe's
@@ -156,10 +181,7 @@ def temporary_prefect_server(project: Path) -> str | None:
     at exit, after Prefect's log and event workers have drained (they drain in threading's exit
     hooks, before atexit's), and with llmpipe if llmpipe is killed outright (die_with_parent)."""
     from prefect.context import refresh_global_settings_context
-    from prefect.settings import PREFECT_API_URL
 
-    if PREFECT_API_URL.value():
-        return None
     port = free_port()
     api = f"http://{HOST}:{port}/api"
     fd, name = tempfile.mkstemp(prefix="llmpipe-prefect-server-", suffix=".log")

@@ -113,3 +113,25 @@ def test_deploy_without_a_prefect_server(tmp_path):
     assert last_line(llmpipe(tmp_path, "deploy")) == (
         "error: PREFECT_API_URL is not set; point it at a Prefect server, or use `llmpipe up`"
     )
+
+
+def test_a_prefect_server_that_does_not_answer_is_one_line_and_writes_nothing(params_dir):
+    """PREFECT_API_URL names a server that is down (`llmpipe up` not started): one line, exit 1,
+    instead of Prefect's traceback from inside the flow's start; nothing in the project changes."""
+    from steps.servers import free_port
+
+    shutil.copytree(REPO / "data" / "reference", params_dir / "data" / "reference")
+    before = sorted(p.relative_to(params_dir) for p in params_dir.rglob("*"))
+    api = f"http://127.0.0.1:{free_port()}/api"  # nothing listens there
+    env = {**os.environ, "PREFECT_API_URL": api}
+    for command in (["run"], ["sweep", "-S", "train.max_steps=2,3"]):
+        done = subprocess.run([LLMPIPE, *command], cwd=params_dir, env=env, capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert done.returncode == 1, done.stderr[-2000:]
+        assert "Traceback" not in done.stderr + done.stdout, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines() == [
+            f"error: the Prefect server at PREFECT_API_URL ({api}) does not answer ([Errno 111] "
+            "Connection refused); start it (`llmpipe up`), or unset PREFECT_API_URL for a "
+            "temporary one"
+        ]
+        assert sorted(p.relative_to(params_dir) for p in params_dir.rglob("*")) == before
