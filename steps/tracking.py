@@ -44,9 +44,13 @@ def registry_name(uri: str) -> str:
 
 def check_registry(uri: str) -> None:
     """Raise RegistryUnavailable unless the store at `uri` answers (a sqlite file that does not
-    exist yet is fine: MLflow creates it on first write)."""
+    exist yet is fine: MLflow creates it on first write). A tracking server is first asked once
+    for its /health: one that does not answer at all is said at once (MLflow's client retries a
+    refused connection with back-off for ~4 minutes before it gives up)."""
     if not registry_exists(uri):
         return
+    if uri.startswith(("http://", "https://")):
+        server_answers(uri)
     try:
         from mlflow import MlflowClient
 
@@ -56,6 +60,24 @@ def check_registry(uri: str) -> None:
         reason = text.splitlines()[0] if text else type(err).__name__
         raise RegistryUnavailable(
             f"{registry_name(uri)}: cannot read the model registry: {reason}"
+        ) from None
+
+
+def server_answers(uri: str) -> None:
+    """RegistryUnavailable unless the tracking server at `uri` gives an HTTP answer (any status:
+    one behind a login answers 401, and MLflow's client then says more)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=15):
+            pass
+    except urllib.error.HTTPError:
+        pass
+    except (urllib.error.URLError, OSError) as err:
+        raise RegistryUnavailable(
+            f"{uri}: the MLflow tracking server does not answer ({getattr(err, 'reason', err)}); "
+            "start it, or fix MLFLOW_TRACKING_URI"
         ) from None
 
 

@@ -88,3 +88,20 @@ def test_run_on_a_corrupt_registry_is_one_line_and_changes_nothing(project, tmp_
         f"error: {db}: cannot read the model registry: (sqlite3.DatabaseError) file is not a "
         "database"
     )
+
+
+def test_run_against_a_tracking_server_that_does_not_answer_is_one_line(project, tmp_path):
+    """MLFLOW_TRACKING_URI names a server that is down: one line at once (MLflow's client alone
+    retried for ~4 minutes), exit 1, nothing changed."""
+    watched = ["params.yaml", "dvc.lock", "metrics/eval.json", "mlflow.db"]
+    before = {name: (project / name).read_bytes() for name in watched}
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "MLFLOW_TRACKING_URI": uri}
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run([LLMPIPE, "run"], cwd=project, env=env, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert {name: (project / name).read_bytes() for name in watched} == before
+    assert one_line(done, 1) == (
+        f"error: {uri}: the MLflow tracking server does not answer ([Errno 111] Connection "
+        "refused); start it, or fix MLFLOW_TRACKING_URI"
+    )
