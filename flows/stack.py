@@ -14,7 +14,8 @@ SIGHUP when its terminal closes).
 2. a runner (`python -m flows.deploy`) that registers the deployments and executes their runs
    (not with --no-runner: the deployments then live on a work pool, `llmpipe deploy --pool`);
 3. the MLflow UI on the project's tracking store (or, with --mlflow-database-url, an MLflow server
-   with a login and proxied artifacts on PostgreSQL; the runner then tracks into it).
+   with a login and proxied artifacts on PostgreSQL; the runner then tracks into it), started
+   before the runner, so that its store is created or migrated before any run can start.
 
 The login is $LLMPIPE_UI_AUTH (`user:password`), or, when that is not set, generated and written
 once to the controlling terminal (never to stdout, which may be a log file). Only the server and the
@@ -305,11 +306,15 @@ def up(
         )
         procs.append(server)
         wait_http(f"http://{HOST}:{prefect_port}/api/health", server, "prefect server")
-        if runner:
-            procs.append(start([sys.executable, "-m", "flows.deploy"], runner_vars, project))
         if not shared.mlflow_db:
+            # before the runner: the MLflow UI creates or migrates mlflow.db as it starts, and a
+            # run started from the Prefect UI meanwhile (the deployments appear with the runner)
+            # migrated the same fresh file at the same time and failed (alembic: "Online migration
+            # expected to match one row")
             mlflow_cmd = mlflow_ui_cmd(bin_dir, env["MLFLOW_TRACKING_URI"], mlflow_port)
             start_mlflow(procs, mlflow_cmd, env, project, mlflow_url)
+        if runner:
+            procs.append(start([sys.executable, "-m", "flows.deploy"], runner_vars, project))
         login = "the user:password below" if generated else f"the user:password in ${AUTH_ENV}"
         deployments = (
             "deployments: finetune/manual, finetune/retrain-on-new-data"

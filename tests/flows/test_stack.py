@@ -183,8 +183,9 @@ def test_deployments_have_their_schedule_and_a_typed_form(stack):
     }  # no project_dir: the runner fixes the project
     assert found["manual"]["parameters"] == {}
     assert any(t.get("type") == "number" for t in form["learning_rate"]["anyOf"])
-    # the MLflow UI starts after the runner has registered the deployments
-    wait_http(stack["mlflow"] + "/health", stack["proc"], "mlflow ui", 90, ready=range(200, 201))
+    # the MLflow UI is up before the runner registers the deployments (mlflow.db is migrated
+    # before any run can start)
+    wait_http(stack["mlflow"] + "/health", stack["proc"], "mlflow ui", 5, ready=range(200, 201))
 
 
 def test_the_mlflow_ui_runs_two_web_workers_and_no_job_runner(stack):
